@@ -1,0 +1,34 @@
+# make demo: run the bundled demo spec;  make test: lint and the test suite.
+# Both create the virtual environment on first use and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch for the reference runtime and export; on a CUDA workstation: make TORCH=torch
+TORCH ?= torch==2.13.0
+EXTRAS ?= export,onnx,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+DEMO_MODEL := models/tiny-qwen3vl
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/sparc-engine export tiny --out $(DEMO_MODEL)
+	$(BIN)/sparc-engine run specs/demo.yaml --save-viz out/demo.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) models out

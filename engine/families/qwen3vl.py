@@ -1,0 +1,62 @@
+"""Qwen3-VL: grounds with JSON boxes in 0-1000 coordinates of the image it saw; ChatML prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image as PILImage
+
+from engine.families.base import Family
+from engine.grounding import Grounding, parse_qwen_grounding
+from engine.imaging import prepare_qwen_image
+from runtimes.base import Image, ImageInput, Segment, Text
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+class Qwen3VLFamily(Family):
+    architectures = ("Qwen3VLForConditionalGeneration",)
+    # Implicit Relevance Detection: localize what the question is about without answering it
+    perceive_prompt = (
+        "Question (for context only, do not answer it): {question}\n"
+        "Identify the objects and regions in the image that are needed to answer the question. "
+        'Return their 2D bounding boxes and labels as JSON: [{{"bbox_2d": [x1, y1, x2, y2], "label": "..."}}].'
+    )
+    reason_prompt = "{question}"
+    crops_intro = "Close-up crops of the regions relevant to the question:\n"
+    answer_intro = "The first image is the whole scene.\n"
+
+    def prepare_image(self, image: PILImage.Image, resolution: int | None, key: str) -> ImageInput:
+        config = self.image_config
+        pixels = prepare_qwen_image(
+            image,
+            resolution,
+            patch_size=config.patch_size,
+            merge_size=config.merge_size,
+            temporal_patch_size=config.temporal_patch_size,
+            mean=config.mean,
+            std=config.std,
+            max_pixels=config.max_pixels,
+        )
+        width, height = pixels.size
+        return ImageInput(
+            key=f"{key}@{width}x{height}",
+            n_tokens=pixels.n_tokens,
+            pixel_values=pixels.pixel_values,
+            grid_thw=pixels.grid_thw,
+        )
+
+    def image_prefix(self, image: ImageInput) -> list[Segment]:
+        return [Text(f"<|im_start|>user\n{VISION_START}"), Image(image), Text(VISION_END)]
+
+    def question_suffix(self, text: str, crops: Sequence[ImageInput] = ()) -> list[Segment]:
+        segments: list[Segment] = []
+        if crops:
+            segments.append(Text(self.answer_intro + self.crops_intro))
+            for crop in crops:
+                segments += [Text(VISION_START), Image(crop), Text(VISION_END)]
+        segments.append(Text(f"{text}<|im_end|>\n<|im_start|>assistant\n"))
+        return segments
+
+    def parse_grounding(self, text: str) -> Grounding:
+        return parse_qwen_grounding(text)

@@ -1,0 +1,63 @@
+"""Token ids and M-RoPE positions of a prompt made of segments (Qwen3-VL layout), in numpy.
+
+An image of grid (t, h, w) patches occupies t*h*w/merge² placeholder tokens but only max(h, w)/merge
+rope positions: its tokens sit at (t0, row, col) offsets from the position where it starts, and the text
+after it resumes at start + max(h, w)/merge. Every runtime computes positions here, host-side, so the
+rules live in one place and a suffix continues exactly where its prefix stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from runtimes.base import Image, ImageInput, Segment
+
+
+@dataclass
+class TokenizedPrompt:
+    token_ids: list[int]
+    positions: np.ndarray  # (3, S) int64: temporal, height, width rope positions
+    images: list[ImageInput]  # in prompt order
+    image_mask: np.ndarray  # (S,) bool: placeholder tokens filled by image embeddings
+    next_position: int  # rope position of the token after this prompt
+
+
+def tokenize(
+    tokenizer: Tokenizer,
+    segments: Sequence[Segment],
+    *,
+    image_token_id: int,
+    merge_size: int,
+    start_position: int = 0,
+) -> TokenizedPrompt:
+    ids: list[int] = []
+    chunks: list[np.ndarray] = []
+    images: list[ImageInput] = []
+    position = start_position
+    for segment in segments:
+        if isinstance(segment, Image):
+            image = segment.image
+            t, h, w = image.grid_thw
+            rows, cols = h // merge_size, w // merge_size
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(rows), np.arange(cols), indexing="ij")
+            chunks.append(np.stack([tt, hh, ww]).reshape(3, -1) + position)
+            ids.extend([image_token_id] * image.n_tokens)
+            images.append(image)
+            position += max(rows, cols)
+        else:
+            text_ids = tokenizer.encode(segment.text, add_special_tokens=False).ids
+            chunks.append(np.broadcast_to(np.arange(len(text_ids)) + position, (3, len(text_ids))))
+            ids.extend(text_ids)
+            position += len(text_ids)
+    positions = np.concatenate(chunks, axis=1).astype(np.int64) if chunks else np.zeros((3, 0), np.int64)
+    mask = np.array(ids, dtype=np.int64) == image_token_id if ids else np.zeros(0, bool)
+    return TokenizedPrompt(ids, positions, images, mask, position)
+
+
+def decode_positions(next_position: int, steps: int) -> np.ndarray:
+    """(3, steps) positions of text tokens continuing a sequence."""
+    return np.broadcast_to(np.arange(steps, dtype=np.int64) + next_position, (3, steps)).copy()

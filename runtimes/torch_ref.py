@@ -1,0 +1,181 @@
+"""The transformers reference runtime: the correctness oracle every other runtime is compared against.
+
+It runs a Hugging Face checkpoint directory with transformers' own modeling code, but drives it the way
+the engine wants: positions and tokens are computed host-side (runtimes/mrope.py), a prefix's KV is
+computed once, and `generate` forks it into n sequences decoded as one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForImageTextToText, DynamicCache
+
+from runtimes.base import Generation, ImageConfig, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
+from runtimes.decoding import decode
+from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def checkpoint_image_config(model_dir: Path) -> ImageConfig:
+    pre = _read_json(model_dir / "preprocessor_config.json")
+    size = pre.get("size") or {}
+    return ImageConfig(
+        patch_size=pre.get("patch_size", 16),
+        merge_size=pre.get("merge_size", 2),
+        temporal_patch_size=pre.get("temporal_patch_size", 2),
+        mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+        max_pixels=size.get("longest_edge", pre.get("max_pixels", 16_777_216)),
+    )
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeInputError("device: cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+class TorchRefRuntime:
+    def __init__(
+        self, model_dir: str | Path, device: str = "auto", perception_lora: str | Path | None = None
+    ):
+        self.model_dir = Path(model_dir)
+        config = _read_json(self.model_dir / "config.json")
+        if not config:
+            raise RuntimeInputError(f"{self.model_dir}: not a Hugging Face checkpoint (no config.json)")
+        self.device = pick_device(device)
+        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.image_token_id = config["image_token_id"]
+        self.merge_size = config["vision_config"]["spatial_merge_size"]
+        self.eos_ids = self._eos_ids(config)
+        self.perception_lora = Path(perception_lora) if perception_lora else None
+        variants = ("base", "perception") if self.perception_lora else ("base",)
+        self.info = ModelInfo(
+            architecture=config["architectures"][0],
+            image=checkpoint_image_config(self.model_dir),
+            variants=variants,
+            max_context=config.get("text_config", {}).get("max_position_embeddings", 32768),
+        )
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def _eos_ids(self, config: dict) -> list[int]:
+        eos = _read_json(self.model_dir / "generation_config.json").get("eos_token_id")
+        eos = eos if eos is not None else config.get("text_config", {}).get("eos_token_id")
+        return sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
+
+    def model(self, variant: str) -> torch.nn.Module:
+        if variant not in self.info.variants:
+            raise RuntimeInputError(
+                f"variant {variant!r} is not available here (have: {', '.join(self.info.variants)})"
+            )
+        if variant not in self._models:
+            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=torch.float32)
+            if variant == "perception":
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, self.perception_lora).merge_and_unload()
+            self._models[variant] = model.to(self.device).eval()
+        return self._models[variant]
+
+    @torch.inference_mode()
+    def _forward(self, variant: str, prompt: TokenizedPrompt, cache: DynamicCache, past: int) -> np.ndarray:
+        """Run prompt tokens on top of `cache` (past tokens already in it); returns last-token logits (vocab,)."""
+        ids = torch.tensor([prompt.token_ids], device=self.device)
+        seq = torch.arange(past, past + len(prompt.token_ids))[None]
+        # [4, 1, S]: the first row is the plain sequence index transformers uses for the causal mask
+        positions = torch.cat([seq, torch.from_numpy(prompt.positions)], dim=0)[:, None, :].to(self.device)
+        kwargs = {}
+        if prompt.images:
+            kwargs["pixel_values"] = torch.from_numpy(
+                np.concatenate([im.pixel_values for im in prompt.images])
+            )
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.device)
+            kwargs["image_grid_thw"] = torch.tensor([im.grid_thw for im in prompt.images], device=self.device)
+        out = self.model(variant)(
+            input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
+        )
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def _tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
+        return tokenize(
+            self.tokenizer,
+            segments,
+            image_token_id=self.image_token_id,
+            merge_size=self.merge_size,
+            start_position=start_position,
+        )
+
+    def prefill(self, segments: Sequence[Segment], variant: str = "base") -> Prefix:
+        self.model(variant)  # refuse an unknown variant before any work
+        prompt = self._tokenize(segments, 0)
+        cache = DynamicCache()
+        logits = self._forward(variant, prompt, cache, 0) if prompt.token_ids else None
+        return Prefix(
+            variant=variant,
+            token_ids=prompt.token_ids,
+            next_position=prompt.next_position,
+            computed_tokens=len(prompt.token_ids),
+            state=(cache, logits),
+            images=tuple(prompt.images),
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self, prefix: Prefix, suffix: Sequence[Segment], n: int, sampling: Sampling
+    ) -> list[Generation]:
+        start = time.perf_counter()
+        parent_cache, logits = prefix.state
+        cache = copy.deepcopy(parent_cache)  # the prefix stays intact for the next stage or query
+        prompt = self._tokenize(suffix, prefix.next_position)
+        if prompt.token_ids:
+            logits = self._forward(prefix.variant, prompt, cache, prefix.n_tokens)
+        if logits is None:
+            raise RuntimeInputError("generate needs a non-empty prompt")
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        model = self.model(prefix.variant)
+        length = prefix.n_tokens + len(prompt.token_ids)
+        next_position = prompt.next_position
+
+        def step(tokens: np.ndarray) -> np.ndarray:
+            nonlocal length, next_position
+            rope = torch.from_numpy(decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
+            seq = torch.full((1, n, 1), length)
+            positions = torch.cat([seq, rope], dim=0).to(self.device)
+            ids = torch.from_numpy(tokens.astype(np.int64))[:, None].to(self.device)
+            out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            length += 1
+            next_position += 1
+            return out.logits[:, -1].float().cpu().numpy()
+
+        result = decode(np.repeat(logits[None], n, axis=0), step, sampling, self.eos_ids)
+        ms = (time.perf_counter() - start) * 1000
+        suffix_tokens = len(prompt.token_ids)
+        return [
+            Generation(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                token_ids=ids,
+                prompt_tokens=suffix_tokens if i == 0 else 0,
+                reused_tokens=prefix.n_tokens + (0 if i == 0 else suffix_tokens),
+                generated_tokens=len(ids),
+                ms=ms,
+                finish_reason=reason,
+            )
+            for i, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons))
+        ]
+
+    def close(self) -> None:
+        self._models.clear()
