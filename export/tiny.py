@@ -15,6 +15,7 @@ drops, transposes or mis-scales one of them changes the logits and fails a compa
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -247,6 +248,15 @@ def _build_key(seed: int, sizes: TinyQwen3VLSizes) -> dict:
     return {"builder_version": BUILDER_VERSION, "seed": seed, "sizes": json.loads(json.dumps(asdict(sizes)))}
 
 
+def is_complete_build(out: Path, seed: int, sizes: TinyQwen3VLSizes = TINY_QWEN3VL) -> bool:
+    """True when `out` holds a finished build by this builder version with this seed and sizes."""
+    marker = out / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text(encoding="utf-8"))
+    return {k: recorded.get(k) for k in ("builder_version", "seed", "sizes")} == _build_key(seed, sizes)
+
+
 def build_tiny_qwen3vl_cached(
     root: str | Path, seed: int = 0, sizes: TinyQwen3VLSizes = TINY_QWEN3VL
 ) -> Path:
@@ -257,11 +267,8 @@ def build_tiny_qwen3vl_cached(
     against two processes building the same directory at once.
     """
     out = Path(root) / f"tiny-qwen3vl-seed{seed}"
-    marker = out / COMPLETE_MARKER
-    if marker.is_file():
-        recorded = json.loads(marker.read_text(encoding="utf-8"))
-        if {k: recorded.get(k) for k in ("builder_version", "seed", "sizes")} == _build_key(seed, sizes):
-            return out
+    if is_complete_build(out, seed, sizes):
+        return out
     if out.exists():
         shutil.rmtree(out)
     return build_tiny_qwen3vl(out, seed=seed, sizes=sizes)
@@ -298,3 +305,9 @@ def tiny_processor(out_dir: str | Path) -> Qwen3VLProcessor:
         video_processor=None,
         chat_template=(out / "chat_template.jinja").read_text(encoding="utf-8"),
     )
+
+
+def export_tiny(args: argparse.Namespace) -> Path:
+    """`sparc-engine export tiny --out DIR`: build once; a complete build with the same seed is kept."""
+    out = Path(args.out)
+    return out if is_complete_build(out, args.seed) else build_tiny_qwen3vl(out, seed=args.seed)

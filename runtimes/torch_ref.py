@@ -17,10 +17,15 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText, DynamicCache
+from transformers.utils import logging as transformers_logging
 
 from runtimes.base import Generation, ImageConfig, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.decoding import decode
 from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
+
+# a CLI user wants the answer, not weight-loading progress bars and fallback notices
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:

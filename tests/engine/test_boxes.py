@@ -22,7 +22,13 @@ def test_box_keeps_exact_values_and_coerces_ints():
     assert isinstance(box.x2, float)
 
 
-INVALID_CORNERS = [(0.5, 0.0, 0.4, 1.0), (0.0, 0.5, 1.0, 0.4), (-0.1, 0, 0.5, 0.5), (0, 0, 1.1, 0.5), (math.nan, 0, 1, 1)]
+INVALID_CORNERS = [
+    (0.5, 0.0, 0.4, 1.0),
+    (0.0, 0.5, 1.0, 0.4),
+    (-0.1, 0, 0.5, 0.5),
+    (0, 0, 1.1, 0.5),
+    (math.nan, 0, 1, 1),
+]
 
 
 @pytest.mark.parametrize("corners", INVALID_CORNERS)

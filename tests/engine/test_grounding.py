@@ -221,7 +221,9 @@ prose = st.text(alphabet="abcdefghij .,:!?\n", max_size=30)  # no brackets or qu
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(qwen_entries(), max_size=6), prose, prose, st.booleans(), st.data())
-def test_fuzz_truncation_recovers_exactly_the_objects_complete_before_the_cut(entries, before, after, fenced, data):
+def test_fuzz_truncation_recovers_exactly_the_objects_complete_before_cut(
+    entries, before, after, fenced, data
+):
     # Render by hand so that we know where each object ends.
     open_fence, close_fence = ("```json\n", "\n```") if fenced else ("", "")
     text, ends = before + open_fence + "[", []
