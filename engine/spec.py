@@ -10,11 +10,20 @@ value given and what is allowed (SpecError, exit code 2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import SpecError
 from engine.fusion import CONF_TYPES
@@ -33,19 +42,21 @@ def _check_resolution(value: Any) -> Any:
     raise ValueError("must be an integer >= 32 (pixels, longest side) or 'full'")
 
 
+def _one_of(allowed: Sequence[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of: {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
 class ModelSpec(_Strict):
     bundle: str  # exported bundle directory, or a Hugging Face checkpoint directory for runtime torch_ref
-    runtime: str = "torch_ref"
+    runtime: Annotated[str, _one_of(sorted(RUNTIMES))] = "torch_ref"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     perception_lora: str | None = None  # torch_ref only: a PEFT adapter merged into the 'perception' variant
     prefix_cache: int = Field(4, ge=0, le=64)  # prefixes (image KV) kept for reuse across stages and queries
-
-    @field_validator("runtime")
-    @classmethod
-    def _known_runtime(cls, value: str) -> str:
-        if value not in RUNTIMES:
-            raise ValueError(f"must be one of: {', '.join(sorted(RUNTIMES))}")
-        return value
 
     @model_validator(mode="after")
     def _lora_only_for_torch_ref(self) -> ModelSpec:
@@ -75,16 +86,9 @@ class FuseSpec(StageSpec):
     method: Literal["wbf"] = "wbf"
     iou_thr: float = Field(0.5, gt=0.0, le=1.0)  # boxes overlapping more than this are one region
     skip_box_thr: float = Field(0.0, ge=0.0, lt=1.0)
-    conf_type: str = "avg"
+    conf_type: Annotated[str, _one_of(CONF_TYPES)] = "avg"  # WBF's own score; agreement ignores it
     min_agreement: float = Field(0.0, ge=0.0, le=1.0)  # fraction of rollouts that must agree on a region
     max_regions: int = Field(4, ge=1, le=64)
-
-    @field_validator("conf_type")
-    @classmethod
-    def _known_conf_type(cls, value: str) -> str:
-        if value not in CONF_TYPES:
-            raise ValueError(f"must be one of: {', '.join(CONF_TYPES)}")
-        return value
 
 
 class CropSpec(StageSpec):

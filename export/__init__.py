@@ -25,10 +25,26 @@ def _tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
 
 
+def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument(
+        "--perception-lora", type=Path, help="PEFT adapter directory, merged into a 'perception' variant"
+    )
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the graphs (fp16: not yet)"
+    )
+
+
 EXPORTERS: dict[str, Exporter] = {
     "tiny": Exporter(
         "build a tiny random Qwen3-VL checkpoint of the real architecture (tests, demo; answers meaningless)",
         _tiny_arguments,
         "export.tiny:export_tiny",
+    ),
+    "onnx": Exporter(
+        "export a checkpoint (+ perception LoRA) to an ONNX bundle: vision, embed and decoder graphs",
+        _onnx_arguments,
+        "export.onnx:export_onnx",
     ),
 }

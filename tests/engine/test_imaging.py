@@ -17,8 +17,8 @@ from engine.imaging import (
     image_content_hash,
     load_image,
     prepare_qwen_image,
-    qwen_vision_tables,
 )
+from runtimes.qwen3vl_vision import qwen_vision_tables
 
 
 def structured_image(width: int, height: int, seed: int) -> Image.Image:

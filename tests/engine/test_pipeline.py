@@ -73,7 +73,7 @@ def test_prefix_computed_once_and_reused_by_rollouts_and_reason(scripted_runtime
     assert runtime.calls[0][0] == 4  # the 4 rollouts in one batched call
     assert perceive.reused_tokens > 0 and reason.reused_tokens > 0
     prefix = reason.reused_tokens
-    suffix = (perceive.prompt_tokens - prefix)
+    suffix = perceive.prompt_tokens - prefix
     assert perceive.reused_tokens == 3 * (prefix + suffix)  # 3 forks reuse the whole prompt
 
 
@@ -120,3 +120,30 @@ def test_rollout_seeds_are_distinct_and_reproducible():
     assert len(set(rollout_seeds(0, 0, 8))) == 8
     assert rollout_seeds(0, 0, 4) == rollout_seeds(0, 0, 8)[:4]
     assert rollout_seeds(1, 0, 4) != rollout_seeds(0, 0, 4)
+
+
+def test_reference_runtime_reuse_changes_only_the_accounting(tiny_qwen3vl, image):
+    from runtimes.torch_ref import TorchRefRuntime
+
+    runtime = TorchRefRuntime(tiny_qwen3vl, device="cpu")
+    results = {}
+    for reuse in (True, False):
+        sampled = {
+            "model": {"bundle": str(tiny_qwen3vl)},
+            "reuse_prefix": reuse,
+            "stages": [
+                {"perceive": {"resolution": 256, "rollouts": 3, "temperature": 1.0, "max_new_tokens": 12}},
+                {"fuse": {}},
+                {"crop": {"min_side": 64, "resolution": 128}},
+                {"reason": {"resolution": 256, "max_new_tokens": 8}},
+            ],
+        }
+        results[reuse] = Pipeline(validate(sampled), runtime).run(image, "where is the cat?")
+    reused, naive = results[True], results[False]
+    assert reused.answer == naive.answer
+    assert reused.stages[0].outputs == naive.stages[0].outputs  # same seeded streams, batched or not
+    assert len(set(reused.stages[0].outputs)) > 1  # the rollouts were sampled, not copies
+    assert all(s.reused_tokens == 0 for s in naive.stages)
+    assert reused.stages[0].reused_tokens > 0 and reused.stages[3].reused_tokens > 0
+    total = [s.prompt_tokens + s.reused_tokens for s in reused.stages]
+    assert total == [s.prompt_tokens for s in naive.stages]

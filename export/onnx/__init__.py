@@ -1,0 +1,162 @@
+"""`sparc-engine export onnx`: Hugging Face checkpoint (+ perception LoRA) -> ONNX bundle.
+
+    bundle/
+      manifest.yaml          # written last: a bundle with a manifest is complete
+      tokenizer.json
+      base/<role>.onnx       # the family's graphs, e.g. vision, embed, decoder
+      perception/<role>.onnx # only the graphs the merged LoRA changes (typically the decoder)
+
+The family (export/onnx/<family>.py, picked by the checkpoint's `architectures`) says which graphs exist
+and how to build them; this driver exports them with the TorchScript exporter, merges the LoRA, and
+writes the manifest with every file's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from export.onnx import qwen3vl  # noqa: F401  (registers the family)
+from export.onnx.base import ONNX_FAMILIES, Graph, OnnxFamily
+from runtimes.base import RuntimeInputError
+from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
+from runtimes.torch_ref import _read_json, checkpoint_image_config
+
+OPSET = 17
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def export_onnx(args: argparse.Namespace) -> Path:
+    config = _read_json(args.model / "config.json")
+    if not config:
+        raise RuntimeInputError(f"{args.model}: not a Hugging Face checkpoint (no config.json)")
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in ONNX_FAMILIES:
+        raise RuntimeInputError(
+            f"ONNX export does not support {architecture!r} (supported: {', '.join(sorted(ONNX_FAMILIES))})"
+        )
+    if args.dtype != "fp32":
+        # Needs fp16 kernels for every op on the exporting CPU and a parity check on a GPU; not done yet.
+        raise RuntimeInputError(f"--dtype {args.dtype} is not supported yet by the ONNX exporter (use fp32)")
+    family = ONNX_FAMILIES[architecture](config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is rewritten
+
+    lora = args.perception_lora
+    steps = [*family.roles, *(["perception"] if lora else []), "manifest"]
+    with tqdm(total=len(steps), desc="export onnx", unit="step", file=sys.stderr) as progress:
+        base = _load(args.model, DTYPES[args.dtype])
+        variants: dict[str, dict[str, str]] = {"base": {}}
+        for role in family.roles:
+            progress.set_postfix_str(f"base/{role}")
+            variants["base"][role] = _export_graph(family.graph(base, role), out, f"base/{role}.onnx")
+            progress.update()
+        if lora:
+            progress.set_postfix_str("perception")
+            variants["perception"] = _export_perception(family, base, args.model, lora, DTYPES[args.dtype], out)
+            progress.update()
+        progress.set_postfix_str("manifest")
+        shutil.copyfile(args.model / "tokenizer.json", out / "tokenizer.json")
+        manifest = Manifest(
+            format="onnx",
+            architecture=architecture,
+            source=str(args.model),
+            dtype=args.dtype,
+            image=checkpoint_image_config(args.model),
+            tokens={**family.tokens(), "eos_token_ids": _eos_ids(args.model, config)},
+            variants=variants,
+            files=_checksums(out, variants),
+            tools={name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime", "peft")},
+            model={**family.sizes(), "opset": OPSET, "io_dtype": args.dtype, "lora": str(lora) if lora else None},
+        )
+        write_manifest(out, manifest)
+        progress.update()
+    return out
+
+
+def _load(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    # eager attention: plain matmul/softmax with our explicit mask, which every ONNX backend runs
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    return model.eval()
+
+
+def _export_perception(
+    family: OnnxFamily, base: torch.nn.Module, model_dir: Path, lora: Path, dtype: torch.dtype, out: Path
+) -> dict[str, str]:
+    """Merge the LoRA with peft and export only the graphs whose weights it changes."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(_load(model_dir, dtype), lora).merge_and_unload().eval()
+    before, after = base.state_dict(), merged.state_dict()
+    if before.keys() != after.keys():
+        raise RuntimeInputError(f"{lora}: the merged model has other parameters than the base (not a LoRA?)")
+    changed = {family.role_of(name) for name in before if not torch.equal(before[name], after[name])}
+    if not changed:
+        raise RuntimeInputError(f"{lora}: merging the adapter changes no weight (an untrained LoRA?)")
+    return {
+        role: _export_graph(family.graph(merged, role), out, f"perception/{role}.onnx")
+        for role in family.roles
+        if role in changed
+    }
+
+
+def _export_graph(graph: Graph, out: Path, relative: str) -> str:
+    path = out / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as scratch, torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns about tracing and its own deprecation; the parity tests are the check.
+        warnings.simplefilter("ignore")
+        traced = Path(scratch) / path.name
+        torch.onnx.export(
+            graph.module,
+            graph.inputs,
+            str(traced),
+            input_names=graph.input_names,
+            output_names=graph.output_names,
+            dynamic_axes=graph.dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        if len(list(Path(scratch).iterdir())) == 1:
+            traced.replace(path)
+        else:
+            # Over 2 GB the exporter writes one file per tensor; gather them into one `<name>.data`.
+            import onnx
+
+            onnx.save_model(
+                onnx.load(str(traced)),
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=path.name + ".data",
+            )
+    return relative
+
+
+def _eos_ids(model_dir: Path, config: dict) -> list[int]:
+    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
+    eos = eos if eos is not None else config.get("text_config", {}).get("eos_token_id")
+    return sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
+
+
+def _checksums(out: Path, variants: dict[str, dict[str, str]]) -> dict[str, str]:
+    """sha256 of the tokenizer and every graph, with any external-data file a graph was written with."""
+    files = ["tokenizer.json"]
+    for roles in variants.values():
+        for relative in roles.values():
+            files.append(relative)
+            files += sorted(str(p.relative_to(out)) for p in (out / relative).parent.glob(Path(relative).name + ".*"))
+    return {relative: sha256_file(out / relative) for relative in files}

@@ -1,0 +1,225 @@
+"""Qwen3-VL as three ONNX graphs: vision tower, token embeddings, text decoder with KV cache and DeepStack.
+
+The wrappers call transformers' own submodules (so the weights and the layer math are transformers'),
+but own the glue that does not trace: data-dependent shapes and Python loops over images.
+
+vision   pixel patches + host-computed position tables + per-patch frame ids
+         -> merged image embeddings (N/merge², H) and stacked DeepStack features (n_deep, N/merge², H).
+         transformers derives the tables from grid_thw with `.tolist()`/`.item()`, which bakes one image
+         size into a traced graph; taking them as inputs (runtimes/qwen3vl_vision.py computes them) gives
+         one graph for every image size. Attention stays inside each frame: a bias built in the graph
+         from frame ids (O(N) input, instead of an (N, N) bias from the host or cu_seqlens' split loop).
+embed    input_ids (B, S) -> (B, S, H). A graph rather than a numpy table so that it runs where the
+         decoder runs (the CUDA EP keeps the table on the GPU) and the bundle holds only ONNX files.
+decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, past+S), dense DeepStack
+         features (n_deep, B, S, H; zeros off image tokens), past KV per layer
+         -> logits of the LAST position (B, vocab) and present KV per layer. Only the last position is
+         ever sampled; projecting the whole prompt to the vocabulary would cost S x vocab for nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+from export.onnx.base import Graph, OnnxFamily
+
+
+class VisionCore(nn.Module):
+    """Qwen3VLVisionModel.forward with the position tables as inputs and frame-masked attention."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # (N, 3 * temporal * patch * patch), N patches of all images
+        interp_indices: torch.Tensor,  # (N, 4) int64 rows of the learned position grid
+        interp_weights: torch.Tensor,  # (N, 4) bilinear weights
+        rotary_pos_ids: torch.Tensor,  # (N, 2) int64 (row, col) in patches
+        frame_ids: torch.Tensor,  # (N,) int64: patches attend only within their own frame
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)  # (N, D)
+        positions = (visual.pos_embed(interp_indices) * interp_weights[:, :, None].to(hidden.dtype)).sum(1)
+        hidden = hidden + positions
+        cos, sin = visual.rotary_pos_emb(hidden, rotary_pos_ids)  # (N, head_dim) each
+        same_frame = frame_ids[:, None] == frame_ids[None, :]  # (N, N)
+        bias = torch.where(same_frame, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        deepstack = []
+        for index, block in enumerate(visual.blocks):
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+            if index in visual.deepstack_visual_indexes:
+                merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)]
+                deepstack.append(merger(hidden))  # (N / merge², H)
+        return visual.merger(hidden), torch.stack(deepstack)
+
+    @staticmethod
+    def _attention(
+        attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, h, d)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (h, N, d)
+        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias  # (h, N, N)
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(weights, v).transpose(0, 1).reshape(n, -1)  # (N, h * d)
+        return attn.proj(out)
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, H)
+        return self.embed(input_ids)
+
+
+class _FlatCache:
+    """The one Cache method a decoder layer calls, over flat past tensors; collects the presents."""
+
+    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
+        self.past = past  # key0, value0, key1, value1, ...: (B, n_kv_heads, past, head_dim) each
+        self.present: list[torch.Tensor] = []
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        key = torch.cat([self.past[2 * layer_idx], key], dim=2)  # (B, n_kv_heads, past + S, head_dim)
+        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
+        self.present += [key, value]
+        return key, value
+
+
+class Decoder(nn.Module):
+    """Qwen3VLTextModel + lm_head over inputs_embeds with explicit M-RoPE positions and KV in/out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.text = model.model.language_model
+        self.lm_head = model.lm_head
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # (B, S, H)
+        position_ids: torch.Tensor,  # (3, B, S) int64: temporal, height, width rope positions
+        attention_mask: torch.Tensor,  # (B, past + S) int64: 1 = attend
+        deepstack_embeds: torch.Tensor,  # (n_deep, B, S, H): added after layer i; zeros off image tokens
+        *past: torch.Tensor,  # 2 per layer: (B, n_kv_heads, past, head_dim)
+    ) -> tuple[torch.Tensor, ...]:
+        cache = _FlatCache(past)
+        hidden = inputs_embeds
+        length, total = inputs_embeds.shape[1], attention_mask.shape[1]
+        query_at = torch.arange(length, device=hidden.device) + (total - length)  # absolute positions
+        causal = torch.arange(total, device=hidden.device)[None, :] <= query_at[:, None]  # (S, total)
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, total)
+        mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        rotary = self.text.rotary_emb(hidden, position_ids)  # cos, sin: (B, S, head_dim)
+        for index, layer in enumerate(self.text.layers):
+            hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
+            if index < deepstack_embeds.shape[0]:
+                hidden = hidden + deepstack_embeds[index]
+        logits = self.lm_head(self.text.norm(hidden[:, -1]))  # (B, vocab)
+        return (logits, *cache.present)
+
+
+class Qwen3VLOnnx(OnnxFamily):
+    architectures = ("Qwen3VLForConditionalGeneration",)
+    roles = ("vision", "embed", "decoder")
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.text = config["text_config"]
+        self.vision = config["vision_config"]
+
+    def graph(self, model: nn.Module, role: str) -> Graph:
+        dtype = next(model.parameters()).dtype
+        if role == "vision":
+            return self._vision_graph(model, dtype)
+        if role == "embed":
+            ids = torch.zeros((1, 5), dtype=torch.int64)
+            axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
+            return Graph(EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes)
+        if role == "decoder":
+            return self._decoder_graph(model, dtype)
+        raise ValueError(f"unknown role {role!r}")
+
+    def _vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        from runtimes.qwen3vl_vision import qwen_vision_tables
+
+        # Two images of different non-square grids: nothing about one size can be baked into the trace.
+        grids = [(1, 4, 6), (1, 6, 2)]
+        tables = qwen_vision_tables(grids, num_grid_per_side=self.sizes()["num_grid_per_side"], merge_size=2)
+        n = int(tables.cu_seqlens[-1])
+        patch = self.vision.get("in_channels", 3) * self.vision["temporal_patch_size"] * self.vision["patch_size"] ** 2
+        frame_ids = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor([h * w for _, h, w in grids]))
+        inputs = (
+            torch.randn(n, patch, dtype=dtype),
+            torch.from_numpy(tables.interp_indices),
+            torch.from_numpy(tables.interp_weights).to(dtype),
+            torch.from_numpy(tables.rotary_pos_ids),
+            frame_ids,
+        )
+        names = ["pixel_values", "interp_indices", "interp_weights", "rotary_pos_ids", "frame_ids"]
+        axes = {name: {0: "patches"} for name in names}
+        axes |= {"image_embeds": {0: "tokens"}, "deepstack_features": {1: "tokens"}}
+        return Graph(VisionCore(model.model.visual), inputs, names, ["image_embeds", "deepstack_features"], axes)
+
+    def _decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        sizes = self.sizes()
+        batch, length, past = 2, 3, 4  # distinct sizes, so no axis is mistaken for another when traced
+        hidden = sizes["hidden_size"]
+        kv_shape = (batch, sizes["num_key_value_heads"], past, sizes["head_dim"])
+        past_names = [f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")]
+        present_names = [name.replace("past_key_values", "present") for name in past_names]
+        inputs = (
+            torch.randn(batch, length, hidden, dtype=dtype),
+            torch.arange(past, past + length).expand(3, batch, length).contiguous(),
+            torch.ones(batch, past + length, dtype=torch.int64),
+            torch.zeros(sizes["num_deepstack"], batch, length, hidden, dtype=dtype),
+            *(torch.randn(kv_shape, dtype=dtype) for _ in past_names),
+        )
+        axes = {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "position_ids": {1: "batch", 2: "sequence"},
+            "attention_mask": {0: "batch", 1: "total"},
+            "deepstack_embeds": {1: "batch", 2: "sequence"},
+            "logits": {0: "batch"},
+        }
+        axes |= {name: {0: "batch", 2: "past"} for name in past_names}
+        axes |= {name: {0: "batch", 2: "total"} for name in present_names}
+        names = ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds", *past_names]
+        return Graph(Decoder(model), inputs, names, ["logits", *present_names], axes)
+
+    def role_of(self, parameter: str) -> str:
+        if parameter.startswith("model.visual."):
+            return "vision"
+        if parameter.startswith("model.language_model.embed_tokens."):
+            return "embed"
+        if parameter.startswith(("model.language_model.", "lm_head.")):
+            return "decoder"
+        raise ValueError(f"parameter {parameter!r} belongs to no exported graph")
+
+    def tokens(self) -> dict[str, int | list[int]]:
+        return {
+            "image_token_id": self.config["image_token_id"],
+            "vision_start_token_id": self.config["vision_start_token_id"],
+            "vision_end_token_id": self.config["vision_end_token_id"],
+        }
+
+    def sizes(self) -> dict:
+        return {
+            "num_layers": self.text["num_hidden_layers"],
+            "hidden_size": self.text["hidden_size"],
+            "num_attention_heads": self.text["num_attention_heads"],
+            "num_key_value_heads": self.text["num_key_value_heads"],
+            "head_dim": self.text.get("head_dim") or self.text["hidden_size"] // self.text["num_attention_heads"],
+            "vocab_size": self.text["vocab_size"],
+            "max_position_embeddings": self.text.get("max_position_embeddings", 32768),
+            "num_deepstack": len(self.vision.get("deepstack_visual_indexes", [])),
+            "num_grid_per_side": int(round(self.vision["num_position_embeddings"] ** 0.5)),
+            "spatial_merge_size": self.vision["spatial_merge_size"],
+        }

@@ -1,0 +1,92 @@
+"""onnxruntime sessions for a bundle: execution-provider choice and the decoder's KV handling per device.
+
+On CPU the past/present KV tensors are numpy arrays. On CUDA the decoder runs with IO binding: the present
+KV stays on the GPU as OrtValues and is bound as the next step's past, so a decode step copies only the new
+token's embedding in and one row of logits out. Forking a prefix into n sequences copies its KV through
+the host once per `generate` (OrtValue has no on-device repeat); every decode step after that stays on the
+device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtimes.base import RuntimeInputError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def pick_providers(device: str) -> list[str]:
+    """auto: CUDA when this onnxruntime build has it, else CPU; cuda: refuse a build without it."""
+    has_cuda = CUDA in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise RuntimeInputError(
+            "device: cuda was asked for but this onnxruntime has no CUDA execution provider "
+            "(pip install 'sparc-engine[onnx-gpu]')"
+        )
+    if device not in ("auto", "cpu", "cuda"):
+        raise RuntimeInputError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return [CUDA, CPU] if device == "cuda" or (device == "auto" and has_cuda) else [CPU]
+
+
+def open_session(path: Path, providers: Sequence[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's provider-fallback warnings are not the user's concern
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as error:  # ORT raises its own exception types for malformed graphs
+        raise RuntimeInputError(f"{path}: onnxruntime cannot load it ({' '.join(str(error).split())})") from None
+
+
+Past = list[Any]  # per layer key, value: np.ndarray (CPU) or OrtValue on the GPU (CUDA)
+
+
+class DecoderSession:
+    """The decoder graph: host inputs + past KV in, last-position logits (numpy) + present KV out."""
+
+    def __init__(self, session: ort.InferenceSession, kv_shape: tuple[int, int], dtype: np.dtype) -> None:
+        self.session = session
+        self.kv_heads, self.head_dim = kv_shape
+        self.dtype = dtype
+        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+        self.on_gpu = session.get_providers()[0] == CUDA
+
+    def empty(self, batch: int) -> Past:
+        """Past KV of length 0, for a prompt's first forward."""
+        zeros = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype)  # (B, n_kv_heads, 0, head_dim)
+        return [zeros] * len(self.past_names)
+
+    def __call__(self, inputs: dict[str, np.ndarray], past: Past) -> tuple[np.ndarray, Past]:
+        if not self.on_gpu:
+            outputs = self.session.run(None, {**inputs, **dict(zip(self.past_names, past))})
+            return outputs[0], outputs[1:]
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):  # an empty past starts on the host
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+    def fork(self, past: Past, n: int) -> Past:
+        """Repeat a batch-1 KV into n sequences; the input KV is left untouched (the prefix stays valid)."""
+        if n == 1:
+            return list(past)
+        if not self.on_gpu:
+            return [np.repeat(value, n, axis=0) for value in past]
+        host = (value if isinstance(value, np.ndarray) else value.numpy() for value in past)
+        return [ort.OrtValue.ortvalue_from_numpy(np.repeat(value, n, axis=0), "cuda", 0) for value in host]
