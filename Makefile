@@ -5,10 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch for the reference runtime and export; on a CUDA workstation: make TORCH=torch
 TORCH ?= torch==2.13.0
-EXTRAS ?= export,onnx,dev
+# llama compiles llama.cpp on first install (about 5 minutes; pip caches the wheel): make EXTRAS=export,onnx,dev skips it
+EXTRAS ?= export,onnx,llama,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO_MODEL := models/tiny-qwen3vl
+DEMO_BUNDLE := models/tiny-qwen3vl-onnx
 
 .PHONY: demo test lint clean
 
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/sparc-engine export tiny --out $(DEMO_MODEL)
+	test -f $(DEMO_BUNDLE)/manifest.yaml || $(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --out $(DEMO_BUNDLE)
 	$(BIN)/sparc-engine run specs/demo.yaml --save-viz out/demo.png
 
 lint: $(STAMP)

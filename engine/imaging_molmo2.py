@@ -198,7 +198,9 @@ def _pool(grid: np.ndarray) -> np.ndarray:
     pad_h, pad_w = -grid.shape[0] % pool_h, -grid.shape[1] % pool_w
     grid = np.pad(grid, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)), constant_values=-1)
     rows, cols = grid.shape[0] // pool_h, grid.shape[1] // pool_w
-    return grid.reshape(rows, pool_h, cols, pool_w).transpose(0, 2, 1, 3).reshape(rows * cols, pool_h * pool_w)
+    return (
+        grid.reshape(rows, pool_h, cols, pool_w).transpose(0, 2, 1, 3).reshape(rows * cols, pool_h * pool_w)
+    )
 
 
 def _patchify(crops: np.ndarray) -> np.ndarray:
@@ -212,30 +214,38 @@ def _patchify(crops: np.ndarray) -> np.ndarray:
 def resize_bilinear_uint8(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, C) uint8 -> (h, w, C) uint8 by bilinear interpolation without antialiasing.
 
-    Half-pixel centres (align_corners=False), in float32 with the operation order of torch's CPU kernel,
-    then rounded half-to-even and clamped: what transformers' Molmo2 processor does through torchvision.
+    Half-pixel centres (align_corners=False), in float32 rounded exactly as torch's CPU kernel rounds
+    (checked bit for bit against torch.nn.functional.interpolate in tests), then rounded half-to-even and
+    clamped: what transformers' Molmo2 processor does through torchvision.
     """
     out_h, out_w = size
     rows, row_weights = _linear_taps(pixels.shape[0], out_h)
     cols, col_weights = _linear_taps(pixels.shape[1], out_w)
     source = pixels.astype(np.float32)
-    # Interpolate along x first inside each of the two source rows, then between the rows.
-    top, bottom = source[rows[:, 0]], source[rows[:, 1]]  # (h, W, C) each
+    # Interpolate along x inside each of the two source rows, then between the rows.
     wx0, wx1 = col_weights[None, :, 0, None], col_weights[None, :, 1, None]
-    top = wx0 * top[:, cols[:, 0]] + wx1 * top[:, cols[:, 1]]
-    bottom = wx0 * bottom[:, cols[:, 0]] + wx1 * bottom[:, cols[:, 1]]
-    mixed = row_weights[:, 0, None, None] * top + row_weights[:, 1, None, None] * bottom
+    top = _mix(wx0, source[rows[:, 0]][:, cols[:, 0]], wx1, source[rows[:, 0]][:, cols[:, 1]])
+    bottom = _mix(wx0, source[rows[:, 1]][:, cols[:, 0]], wx1, source[rows[:, 1]][:, cols[:, 1]])
+    mixed = _mix(row_weights[:, 0, None, None], top, row_weights[:, 1, None, None], bottom)
     return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
 
+def _mix(w0: np.ndarray, x0: np.ndarray, w1: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """w0 * x0 + w1 * x1 in float32 the way torch's kernel rounds it: fused multiply-add of the first
+    product onto the rounded second one (float64 holds the float32 product exactly, so one rounding)."""
+    second = w1 * x1  # float32, rounded
+    return (w0.astype(np.float64) * x0.astype(np.float64) + second).astype(np.float32)
+
+
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(out, 2) source indices and (out, 2) float32 weights of 1-D linear interpolation."""
-    scale = np.float32(in_size) / np.float32(out_size)  # float32 division, as torch
-    source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    source = np.maximum(source, np.float32(0))  # the first half pixel clamps to the edge
-    low = source.astype(np.int64)  # floor: source >= 0
-    high = low + (low < in_size - 1)
-    frac = source - low.astype(np.float32)
+    """(out, 2) source indices and (out, 2) float32 weights of 1-D linear interpolation (torch's rule)."""
+    scale = np.float32(in_size) / np.float32(out_size)  # float32 division
+    # scale * (i + 0.5) - 0.5 with one rounding (a fused multiply-add in torch), clamped at the first pixel
+    centre = np.arange(out_size, dtype=np.float64) + 0.5
+    source = np.maximum((np.float64(scale) * centre - 0.5).astype(np.float32), np.float32(0))
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    frac = np.clip(source - low.astype(np.float32), np.float32(0), np.float32(1))
+    high = low + (low < in_size - 1)  # the last pixel pairs with itself
     return np.stack([low, high], 1), np.stack([np.float32(1) - frac, frac], 1)
 
 

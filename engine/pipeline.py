@@ -27,7 +27,7 @@ from engine.results import RegionResult, Result, StageTrace
 from engine.spec import Spec
 from engine.stages import run_stage
 from runtimes import open_runtime
-from runtimes.base import Generation, ImageInput, Runtime, Sampling, Segment
+from runtimes.base import Generation, Image, ImageInput, Runtime, Sampling, Segment
 
 
 @dataclass
@@ -90,6 +90,11 @@ class Pipeline:
     ) -> list[Generation]:
         """Generate n continuations of [header][image] + suffix, accounting the tokens in `trace`."""
         prefix_segments = self.family.image_prefix(image)
+        last_image = max((i for i, s in enumerate(suffix) if isinstance(s, Image)), default=-1)
+        if self.family.images_attend_each_other and last_image >= 0:
+            # the cached view could not attend to the crops: prefill all images together (no reuse)
+            prefix_segments = [*prefix_segments, *suffix[: last_image + 1]]
+            suffix = suffix[last_image + 1 :]
         if self.spec.reuse_prefix:
             prefix, fresh = self.prefixes.get(prefix_segments, variant)
             generations = self.runtime.generate(prefix, suffix, n, sampling)

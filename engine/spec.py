@@ -77,6 +77,10 @@ class PerceiveSpec(StageSpec):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1, le=8192)
     variant: str = "base"  # weights variant: 'perception' = perception LoRA merged
+    # A point (Molmo2 points, Qwen point_2d) carries no extent: it becomes a square of this side, normalized
+    # to the image (0.1 = a tenth of its width by a tenth of its height), centred on the point, clipped to
+    # the image. WBF then fuses the squares of nearby points; crop padding and min_side add the context.
+    point_box_size: float = Field(0.1, gt=0.0, le=1.0)
 
     _resolution = field_validator("resolution", mode="before")(_check_resolution)
 

@@ -57,7 +57,7 @@ def perceive(pipeline: Pipeline, stage: PerceiveSpec, index: int, ctx: Context) 
     sampling = _sampling(pipeline, stage, index, stage.rollouts)
     generations = pipeline.generate_on_image(image, suffix, sampling, stage.rollouts, stage.variant, trace)
     for rollout, generation in enumerate(generations):
-        grounding = pipeline.family.parse_grounding(generation.text)
+        grounding = pipeline.family.parse_grounding(generation.text, stage.point_box_size)
         ctx.rollouts.append(grounding)
         trace.notes += [f"rollout {rollout}: {note}" for note in grounding.notes]
     return trace

@@ -32,7 +32,49 @@ def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
         "--perception-lora", type=Path, help="PEFT adapter directory, merged into a 'perception' variant"
     )
     parser.add_argument(
-        "--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the graphs (fp16: not yet)"
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="weights and float inputs/outputs of the graphs (fp16: strongly typed, for TensorRT 11)",
+    )
+
+
+def _gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="output bundle directory")
+    parser.add_argument(
+        "--perception-lora", type=Path, help="PEFT adapter merged into a separate 'perception' text GGUF"
+    )
+    parser.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0", "q4_k_m"),
+        default="f16",
+        help="text weights (the vision projector stays f16, f32 with f32); q4_k_m needs llama-cpp-python",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="llama.cpp checkout whose convert_hf_to_gguf.py to use (default: the installed "
+        "llama-cpp-python's own, downloaded once as its sdist)",
+    )
+
+
+def _tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from", dest="source", type=Path, required=True, metavar="ONNX_BUNDLE", help="ONNX bundle directory"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="TensorRT bundle directory to write")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16", "fp8", "int8"),
+        help="engine precision (default: the ONNX bundle's dtype, the only one TensorRT 11 accepts)",
+    )
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        help="pipeline spec whose resolutions, rollouts and max_new_tokens size the engines' shapes "
+        "(default: the numbers of specs/qwen3vl-sparc-wbf8.yaml)",
     )
 
 
@@ -46,5 +88,15 @@ EXPORTERS: dict[str, Exporter] = {
         "export a checkpoint (+ perception LoRA) to an ONNX bundle: vision, embed and decoder graphs",
         _onnx_arguments,
         "export.onnx:export_onnx",
+    ),
+    "gguf": Exporter(
+        "HF checkpoint (Qwen3-VL) -> GGUF bundle for the llamacpp runtime: text GGUF + vision projector",
+        _gguf_arguments,
+        "export.gguf:export_gguf",
+    ),
+    "tensorrt": Exporter(
+        "build TensorRT engines from an ONNX bundle, on the target device (needs [tensorrt] and its GPU)",
+        _tensorrt_arguments,
+        "export.tensorrt:export_tensorrt",
     ),
 }

@@ -13,6 +13,8 @@ from runtimes.base import Runtime, RuntimeInputError
 # name -> (module:class, the extra that installs what it needs)
 RUNTIMES: dict[str, tuple[str, str]] = {
     "torch_ref": ("runtimes.torch_ref:TorchRefRuntime", "export"),
+    "onnx": ("runtimes.onnx:OnnxRuntime", "onnx"),
+    "llamacpp": ("runtimes.llamacpp:LlamaCppRuntime", "llama"),
 }
 
 

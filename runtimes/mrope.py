@@ -20,7 +20,7 @@ from runtimes.base import Image, ImageInput, Segment
 @dataclass
 class TokenizedPrompt:
     token_ids: list[int]
-    positions: np.ndarray  # (3, S) int64: temporal, height, width rope positions
+    positions: np.ndarray  # (3, S) int64: temporal, height, width rope positions ((1, S) for 1-D rope)
     images: list[ImageInput]  # in prompt order
     image_mask: np.ndarray  # (S,) bool: placeholder tokens filled by image embeddings
     next_position: int  # rope position of the token after this prompt

@@ -1,8 +1,9 @@
 """The transformers reference runtime: the correctness oracle every other runtime is compared against.
 
 It runs a Hugging Face checkpoint directory with transformers' own modeling code, but drives it the way
-the engine wants: positions and tokens are computed host-side (runtimes/mrope.py), a prefix's KV is
-computed once, and `generate` forks it into n sequences decoded as one batch.
+the engine wants: positions and tokens are computed host-side, a prefix's KV is computed once, and
+`generate` forks it into n sequences decoded as one batch. What differs between architectures (token
+layout, rope positions, pixel kwargs) sits in a `TorchFamily` picked by config.json's architectures[0].
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from transformers.utils import logging as transformers_logging
 
 from runtimes.base import Generation, ImageConfig, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.decoding import decode
-from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
+from runtimes.mrope import TokenizedPrompt
+from runtimes.torch_families import torch_family_for
+
+# The families register themselves on import.
+from runtimes import torch_molmo2, torch_qwen3vl  # noqa: E402, F401  isort: skip
 
 # a CLI user wants the answer, not weight-loading progress bars and fallback notices
 transformers_logging.set_verbosity_error()
@@ -63,14 +68,14 @@ class TorchRefRuntime:
             raise RuntimeInputError(f"{self.model_dir}: not a Hugging Face checkpoint (no config.json)")
         self.device = pick_device(device)
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self.image_token_id = config["image_token_id"]
-        self.merge_size = config["vision_config"]["spatial_merge_size"]
+        self.family = torch_family_for(config, self.tokenizer, self.model_dir)
+        self.image_token_id = self.family.image_token_id
         self.eos_ids = self._eos_ids(config)
         self.perception_lora = Path(perception_lora) if perception_lora else None
         variants = ("base", "perception") if self.perception_lora else ("base",)
         self.info = ModelInfo(
             architecture=config["architectures"][0],
-            image=checkpoint_image_config(self.model_dir),
+            image=self.family.image_config(),
             variants=variants,
             max_context=config.get("text_config", {}).get("max_position_embeddings", 32768),
         )
@@ -96,32 +101,23 @@ class TorchRefRuntime:
         return self._models[variant]
 
     @torch.inference_mode()
-    def _forward(self, variant: str, prompt: TokenizedPrompt, cache: DynamicCache, past: int) -> np.ndarray:
-        """Run prompt tokens on top of `cache` (past tokens already in it); returns last-token logits (vocab,)."""
+    def _forward(
+        self,
+        variant: str,
+        prompt: TokenizedPrompt,
+        cache: DynamicCache,
+        past: int,
+        history: Sequence[int] = (),
+    ) -> np.ndarray:
+        """Run prompt tokens on top of `cache` (past tokens already in it, `history` their ids);
+        returns last-token logits (vocab,)."""
         ids = torch.tensor([prompt.token_ids], device=self.device)
-        seq = torch.arange(past, past + len(prompt.token_ids))[None]
-        # [4, 1, S]: the first row is the plain sequence index transformers uses for the causal mask
-        positions = torch.cat([seq, torch.from_numpy(prompt.positions)], dim=0)[:, None, :].to(self.device)
-        kwargs = {}
-        if prompt.images:
-            kwargs["pixel_values"] = torch.from_numpy(
-                np.concatenate([im.pixel_values for im in prompt.images])
-            )
-            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.device)
-            kwargs["image_grid_thw"] = torch.tensor([im.grid_thw for im in prompt.images], device=self.device)
-        out = self.model(variant)(
-            input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
-        )
+        kwargs = {k: v.to(self.device) for k, v in self.family.forward_inputs(prompt, past, history).items()}
+        out = self.model(variant)(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
         return out.logits[0, -1].float().cpu().numpy()
 
     def _tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
-        return tokenize(
-            self.tokenizer,
-            segments,
-            image_token_id=self.image_token_id,
-            merge_size=self.merge_size,
-            start_position=start_position,
-        )
+        return self.family.tokenize(segments, start_position)
 
     def prefill(self, segments: Sequence[Segment], variant: str = "base") -> Prefix:
         self.model(variant)  # refuse an unknown variant before any work
@@ -146,7 +142,7 @@ class TorchRefRuntime:
         cache = copy.deepcopy(parent_cache)  # the prefix stays intact for the next stage or query
         prompt = self._tokenize(suffix, prefix.next_position)
         if prompt.token_ids:
-            logits = self._forward(prefix.variant, prompt, cache, prefix.n_tokens)
+            logits = self._forward(prefix.variant, prompt, cache, prefix.n_tokens, prefix.token_ids)
         if logits is None:
             raise RuntimeInputError("generate needs a non-empty prompt")
         if n > 1:
@@ -157,9 +153,7 @@ class TorchRefRuntime:
 
         def step(tokens: np.ndarray) -> np.ndarray:
             nonlocal length, next_position
-            rope = torch.from_numpy(decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
-            seq = torch.full((1, n, 1), length)
-            positions = torch.cat([seq, rope], dim=0).to(self.device)
+            positions = self.family.decode_position_ids(length, next_position, n).to(self.device)
             ids = torch.from_numpy(tokens.astype(np.int64))[:, None].to(self.device)
             out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
             length += 1

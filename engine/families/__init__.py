@@ -6,7 +6,7 @@ adding a module here. Nothing else in the engine branches on the family.
 
 from __future__ import annotations
 
-from engine.families import qwen3vl  # noqa: F401  (registers itself)
+from engine.families import molmo2, qwen3vl  # noqa: F401  (each registers itself)
 from engine.families.base import FAMILIES, Family, family_for
 
 __all__ = ["FAMILIES", "Family", "family_for"]

@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 
 from engine.errors import UserError
 from engine.grounding import Grounding
-from runtimes.base import ImageConfig, ImageInput, Segment
+from runtimes.base import Image, ImageConfig, ImageInput, Segment, Text
 
 FAMILIES: dict[str, type[Family]] = {}
 
@@ -19,6 +19,14 @@ class Family(ABC):
     architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries this family serves
     perceive_prompt: ClassVar[str]  # localization prompt; {question} is the user's question
     reason_prompt: ClassVar[str]  # answer prompt; {question} is the user's question
+    chat_header: ClassVar[str] = "<|im_start|>user\n"  # opens the user turn, before the image
+    turn_end: ClassVar[str] = "<|im_end|>\n<|im_start|>assistant\n"  # closes it and opens the answer
+    crops_intro: ClassVar[str] = (
+        "The first image is the whole scene.\nClose-up crops of the regions relevant to the question:\n"
+    )
+    # True when image tokens attend to each other across images (bidirectionally): then every image of a
+    # prompt must be prefilled in one chunk, so images in a suffix (crops) join the prefix instead.
+    images_attend_each_other: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -35,17 +43,24 @@ class Family(ABC):
     def prepare_image(self, image: PILImage.Image, resolution: int | None, key: str) -> ImageInput:
         """Resize (longest side = resolution, never upscaled) and lay out pixels for the vision tower."""
 
-    @abstractmethod
+    def image_segments(self, image: ImageInput) -> list[Segment]:
+        """An image as the prompt carries it (some families wrap it in marker tokens)."""
+        return [Image(image)]
+
     def image_prefix(self, image: ImageInput) -> list[Segment]:
         """[chat header][image]: the part of every prompt on this image that stages can share."""
+        return [Text(self.chat_header), *self.image_segments(image)]
 
-    @abstractmethod
     def question_suffix(self, text: str, crops: Sequence[ImageInput] = ()) -> list[Segment]:
         """What follows the prefix: optional crops, the instruction, and the assistant turn's opening."""
+        segments: list[Segment] = [Text(self.crops_intro)] if crops else []
+        for crop in crops:
+            segments += self.image_segments(crop)
+        return [*segments, Text(text + self.turn_end)]
 
     @abstractmethod
-    def parse_grounding(self, text: str) -> Grounding:
-        """Model text -> normalized boxes; never raises."""
+    def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
+        """Model text -> normalized boxes (a point becomes a square of side point_box_size); never raises."""
 
 
 def family_for(architecture: str, image_config: ImageConfig) -> Family:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from PIL import Image as PILImage
 
 from engine.families.base import Family
@@ -23,8 +21,6 @@ class Qwen3VLFamily(Family):
         'Return their 2D bounding boxes and labels as JSON: [{{"bbox_2d": [x1, y1, x2, y2], "label": "..."}}].'
     )
     reason_prompt = "{question}"
-    crops_intro = "Close-up crops of the regions relevant to the question:\n"
-    answer_intro = "The first image is the whole scene.\n"
 
     def prepare_image(self, image: PILImage.Image, resolution: int | None, key: str) -> ImageInput:
         config = self.image_config
@@ -46,17 +42,8 @@ class Qwen3VLFamily(Family):
             grid_thw=pixels.grid_thw,
         )
 
-    def image_prefix(self, image: ImageInput) -> list[Segment]:
-        return [Text(f"<|im_start|>user\n{VISION_START}"), Image(image), Text(VISION_END)]
+    def image_segments(self, image: ImageInput) -> list[Segment]:
+        return [Text(VISION_START), Image(image), Text(VISION_END)]
 
-    def question_suffix(self, text: str, crops: Sequence[ImageInput] = ()) -> list[Segment]:
-        segments: list[Segment] = []
-        if crops:
-            segments.append(Text(self.answer_intro + self.crops_intro))
-            for crop in crops:
-                segments += [Text(VISION_START), Image(crop), Text(VISION_END)]
-        segments.append(Text(f"{text}<|im_end|>\n<|im_start|>assistant\n"))
-        return segments
-
-    def parse_grounding(self, text: str) -> Grounding:
-        return parse_qwen_grounding(text)
+    def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
+        return parse_qwen_grounding(text, point_box_size=point_box_size)

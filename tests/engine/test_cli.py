@@ -28,6 +28,7 @@ def demo_args(tiny_qwen3vl):
     # small budgets: the CLI's plumbing is under test here, not the model
     return [
         "--set", f"model.bundle={tiny_qwen3vl}",
+        "--set", "model.runtime=torch_ref",  # the demo spec runs an ONNX bundle; this is the HF checkpoint
         "--set", "model.device=cpu",
         "--set", "stages.0.perceive.max_new_tokens=8",
         "--set", "stages.3.reason.max_new_tokens=4",

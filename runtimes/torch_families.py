@@ -1,0 +1,70 @@
+"""The per-architecture pieces of the transformers reference runtime, and their registry.
+
+The runtime itself (runtimes/torch_ref.py) owns what every family shares: the KV cache, prefix forks,
+batched decoding. A `TorchFamily` owns what differs between Hugging Face architectures: how a prompt of
+segments becomes token ids and rope positions, which keyword arguments carry the pixels into the HF
+forward, and the position ids of a decoding step. A family registers itself for the HF `architectures`
+names it serves; the runtime picks one by `config.json`'s `architectures[0]`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tokenizers import Tokenizer
+
+from runtimes.base import ImageConfig, RuntimeInputError, Segment
+from runtimes.mrope import TokenizedPrompt
+
+TORCH_FAMILIES: dict[str, type[TorchFamily]] = {}
+
+
+class TorchFamily(ABC):
+    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries served
+    image_token_id: int  # the placeholder token whose embedding image features fill (or add to)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "architectures"):
+            raise TypeError(f"torch family {cls.__name__} must define architectures")
+        for architecture in cls.architectures:
+            TORCH_FAMILIES[architecture] = cls
+
+    def __init__(self, config: dict, tokenizer: Tokenizer, model_dir: Path) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+
+    @abstractmethod
+    def image_config(self) -> ImageConfig:
+        """Preprocessing constants the engine's family needs, from the checkpoint's files."""
+
+    @abstractmethod
+    def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
+        """Token ids and rope positions of a prompt continuing at rope position `start_position`."""
+
+    @abstractmethod
+    def forward_inputs(self, prompt: TokenizedPrompt, past: int, history: Sequence[int]) -> dict[str, Any]:
+        """HF forward kwargs (besides input_ids and the cache) for `prompt` run after `past` cached tokens.
+
+        `history` holds the token ids already in the cache (len == past), for masks that look back.
+        Tensors are on the CPU; the runtime moves them.
+        """
+
+    @abstractmethod
+    def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
+        """position_ids of one decoding step for n sequences of `length` tokens (rope at next_position)."""
+
+
+def torch_family_for(config: dict, tokenizer: Tokenizer, model_dir: Path) -> TorchFamily:
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in TORCH_FAMILIES:
+        supported = ", ".join(sorted(TORCH_FAMILIES))
+        raise RuntimeInputError(
+            f"{model_dir}: architecture {architecture!r} is not supported (have: {supported})"
+        )
+    return TORCH_FAMILIES[architecture](config, tokenizer, model_dir)

@@ -1,0 +1,53 @@
+"""Qwen3-VL in the reference runtime: M-RoPE positions (runtimes/mrope.py), pixels as patch rows + grids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtimes.base import ImageConfig, Segment
+from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
+from runtimes.torch_families import TorchFamily
+
+
+class Qwen3VLTorch(TorchFamily):
+    architectures = ("Qwen3VLForConditionalGeneration",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_token_id = self.config["image_token_id"]
+        self.merge_size = self.config["vision_config"]["spatial_merge_size"]
+
+    def image_config(self) -> ImageConfig:
+        from runtimes.torch_ref import checkpoint_image_config  # here: torch_ref imports this module
+
+        return checkpoint_image_config(self.model_dir)
+
+    def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
+        return tokenize(
+            self.tokenizer,
+            segments,
+            image_token_id=self.image_token_id,
+            merge_size=self.merge_size,
+            start_position=start_position,
+        )
+
+    def forward_inputs(self, prompt: TokenizedPrompt, past: int, history: Sequence[int]) -> dict[str, Any]:
+        seq = torch.arange(past, past + len(prompt.token_ids))[None]
+        # [4, 1, S]: the first row is the plain sequence index transformers uses for the causal mask
+        kwargs: dict[str, Any] = {
+            "position_ids": torch.cat([seq, torch.from_numpy(prompt.positions)], dim=0)[:, None, :]
+        }
+        if prompt.images:
+            kwargs["pixel_values"] = torch.from_numpy(
+                np.concatenate([im.pixel_values for im in prompt.images])
+            )
+            kwargs["image_grid_thw"] = torch.tensor([im.grid_thw for im in prompt.images])
+        return kwargs
+
+    def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
+        rope = torch.from_numpy(decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
+        return torch.cat([torch.full((1, n, 1), length), rope], dim=0)  # [4, n, 1]

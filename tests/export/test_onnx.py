@@ -1,0 +1,189 @@
+"""`sparc-engine export onnx` on the tiny Qwen3-VL: bundle layout, manifest, graphs against transformers.
+
+Tolerance: fp32 graphs run by onnxruntime match transformers within ~5e-6 (max abs) on the tiny model;
+the tests allow 2e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from PIL import Image as PILImage  # noqa: E402
+
+from export.onnx import export_onnx, gather_external_data  # noqa: E402
+from runtimes.base import RuntimeInputError  # noqa: E402
+from runtimes.bundle import read_manifest, sha256_file, verify  # noqa: E402
+from runtimes.onnx import OnnxRuntime  # noqa: E402
+from runtimes.torch_ref import TorchRefRuntime, checkpoint_image_config  # noqa: E402
+
+ATOL = 2e-5
+
+
+def picture(width: int, height: int, seed: int = 0) -> PILImage.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
+    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def onnx_runtime(tiny_qwen3vl_onnx: Path) -> OnnxRuntime:
+    return OnnxRuntime(tiny_qwen3vl_onnx, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3vl: Path) -> TorchRefRuntime:
+    return TorchRefRuntime(tiny_qwen3vl, device="cpu")
+
+
+def test_manifest_describes_every_file(tiny_qwen3vl_onnx: Path, tiny_qwen3vl: Path) -> None:
+    manifest = read_manifest(tiny_qwen3vl_onnx)
+    assert manifest.format == "onnx" and manifest.dtype == "fp32"
+    assert manifest.architecture == "Qwen3VLForConditionalGeneration"
+    assert manifest.variants["base"] == {
+        "vision": "base/vision.onnx",
+        "embed": "base/embed.onnx",
+        "decoder": "base/decoder.onnx",
+    }
+    # the LoRA targets decoder projections only: the perception variant carries only the decoder
+    assert manifest.variants["perception"] == {"decoder": "perception/decoder.onnx"}
+    assert set(manifest.files) == {
+        "tokenizer.json",
+        *manifest.variants["base"].values(),
+        "perception/decoder.onnx",
+    }
+    for relative, digest in manifest.files.items():
+        assert sha256_file(tiny_qwen3vl_onnx / relative) == digest
+    verify(tiny_qwen3vl_onnx, manifest)
+    assert manifest.files["perception/decoder.onnx"] != manifest.files["base/decoder.onnx"]
+    assert manifest.image == checkpoint_image_config(tiny_qwen3vl)
+    assert manifest.tokens["image_token_id"] == TorchRefRuntime(tiny_qwen3vl).image_token_id
+    assert manifest.tokens["eos_token_ids"] == TorchRefRuntime(tiny_qwen3vl).eos_ids
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest.tools)
+    assert manifest.model["num_layers"] == 3 and manifest.model["num_deepstack"] == 1
+
+
+def test_graph_io_names(tiny_qwen3vl_onnx: Path) -> None:
+    decoder = ort.InferenceSession(
+        str(tiny_qwen3vl_onnx / "base/decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    inputs = [i.name for i in decoder.get_inputs()]
+    assert inputs[:4] == ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds"]
+    assert inputs[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in decoder.get_outputs()][:2] == ["logits", "present.0.key"]
+    vision = ort.InferenceSession(
+        str(tiny_qwen3vl_onnx / "base/vision.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in vision.get_outputs()] == ["image_embeds", "deepstack_features"]
+
+
+@pytest.mark.parametrize("sizes", [[(64, 64)], [(96, 160)], [(200, 72)], [(256, 256)], [(64, 128), (96, 32)]])
+def test_vision_graph_matches_transformers(onnx_runtime, reference, sizes) -> None:
+    """Any image size (non-square, several images in one run) through the one graph."""
+    from engine.families import family_for
+
+    family = family_for(reference.info.architecture, reference.info.image)
+    images = [family.prepare_image(picture(w, h, seed=i), None, f"v{i}") for i, (w, h) in enumerate(sizes)]
+    with torch.inference_mode():
+        expected = reference.model("base").model.visual(
+            torch.from_numpy(np.concatenate([im.pixel_values for im in images])),
+            grid_thw=torch.tensor([im.grid_thw for im in images]),
+        )
+    embeds, deepstack = onnx_runtime.vision(onnx_runtime.graphs("base"), images)
+    assert embeds.shape == (sum(im.n_tokens for im in images), 128)
+    np.testing.assert_allclose(embeds, expected.pooler_output.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(deepstack, torch.stack(expected.deepstack_features).numpy(), rtol=0, atol=ATOL)
+
+
+def test_vision_graph_keeps_frames_apart(onnx_runtime, reference) -> None:
+    """Several frames (images, or a video's frames) in one run attend only within their frame."""
+    from runtimes.qwen3vl_vision import qwen_vision_tables
+
+    grids = [(1, 4, 6), (2, 2, 4), (1, 6, 2)]
+    tables = qwen_vision_tables(grids, num_grid_per_side=8, merge_size=2)
+    pixels = np.random.default_rng(0).standard_normal((int(tables.cu_seqlens[-1]), 3 * 2 * 16 * 16))
+    pixels = pixels.astype(np.float32)
+    lengths = np.diff(tables.cu_seqlens)
+    embeds, deepstack = onnx_runtime.graphs("base").vision.run(
+        None,
+        {
+            "pixel_values": pixels,
+            "interp_indices": tables.interp_indices,
+            "interp_weights": tables.interp_weights,
+            "rotary_pos_ids": tables.rotary_pos_ids,
+            "frame_ids": np.repeat(np.arange(len(lengths)), lengths),
+        },
+    )
+    with torch.inference_mode():
+        expected = reference.model("base").model.visual(
+            torch.from_numpy(pixels), grid_thw=torch.tensor(grids)
+        )
+    np.testing.assert_allclose(embeds, expected.pooler_output.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(deepstack, torch.stack(expected.deepstack_features).numpy(), rtol=0, atol=ATOL)
+
+
+def test_fp16_graphs_are_typed_fp16_and_close_to_fp32(tiny_qwen3vl: Path, tmp_path: Path, reference) -> None:
+    """fp16 is the graph's own type (TensorRT 11 wants strongly typed networks), not a cast at the edges."""
+    import onnx
+
+    from engine.families import family_for
+
+    args = argparse.Namespace(model=tiny_qwen3vl, out=tmp_path / "b16", perception_lora=None, dtype="fp16")
+    bundle = export_onnx(args)
+    assert read_manifest(bundle).dtype == "fp16"
+    decoder = onnx.load(str(bundle / "base/decoder.onnx"))
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    weights = [t.data_type for t in decoder.graph.initializer if t.data_type in float_types]
+    assert weights and set(weights) == {onnx.TensorProto.FLOAT16}
+    ios = [*decoder.graph.input, *decoder.graph.output]
+    assert {v.type.tensor_type.elem_type for v in ios} == {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
+
+    family = family_for(reference.info.architecture, reference.info.image)
+    prefix = family.image_prefix(family.prepare_image(picture(96, 160), None, "fp16"))
+    got = OnnxRuntime(bundle, device="cpu").prefill(prefix).state[1]
+    expected = reference.prefill(prefix).state[1]
+    assert got.dtype == np.float32  # the runtime hands float32 logits to the sampler
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-2)  # fp16: ~5e-3 measured, logits span ~+-4
+
+
+def test_unknown_architectures_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    args = argparse.Namespace(model=tmp_path / "m", out=tmp_path / "b", perception_lora=None, dtype="fp32")
+    with pytest.raises(RuntimeInputError, match="does not support 'LlamaForCausalLM'"):
+        export_onnx(args)
+
+
+def test_per_tensor_external_data_is_gathered_into_one_file(tiny_qwen3vl_onnx: Path, tmp_path: Path) -> None:
+    """Past 2 GB the exporter writes one file per tensor; the bundle keeps `<graph>.onnx` + `<graph>.onnx.data`."""
+    import onnx
+
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    model = onnx.load(str(tiny_qwen3vl_onnx / "base/embed.onnx"))
+    onnx.save_model(
+        model,
+        str(scattered / "embed.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(scattered.iterdir())) > 1
+    gather_external_data(scattered / "embed.onnx", tmp_path / "embed.onnx")
+    assert sorted(p.name for p in tmp_path.glob("embed.onnx*")) == ["embed.onnx", "embed.onnx.data"]
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    session = ort.InferenceSession(str(tmp_path / "embed.onnx"), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(
+        str(tiny_qwen3vl_onnx / "base/embed.onnx"), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_array_equal(
+        session.run(None, {"input_ids": ids})[0], original.run(None, {"input_ids": ids})[0]
+    )
