@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from engine.boxes import Box
@@ -40,17 +42,29 @@ def parse_qwen_grounding(text: str, *, point_box_size: float = 0.1) -> Grounding
     A point becomes a square of side `point_box_size` (normalized) centred on it, clipped to the image.
     Out-of-range coordinates are clipped, swapped corners ordered; zero-area and non-numeric entries skipped.
     """
+    return _never_raising(_qwen_boxes, text, point_box_size)
+
+
+def _never_raising(
+    parse: Callable[[str, float, list[str]], list[Box]], text: str, point_box_size: float
+) -> Grounding:
+    """Run a parser under the contract "never raise on model text": a bug must not kill a request."""
     if not 0.0 < point_box_size <= 1.0:
         raise ValueError(f"point_box_size must be in (0, 1], got {point_box_size}")
     if not isinstance(text, str):
         return Grounding((), (f"expected text, got {type(text).__name__}: no boxes",))
     notes: list[str] = []
     try:
-        entries = _find_entries(text, notes)
-        boxes = [_entry_to_box(entry, i, point_box_size, notes) for i, entry in enumerate(entries)]
-    except Exception as exc:  # the contract is "never raise on model text": a bug must not kill a request
+        boxes = parse(text, point_box_size, notes)
+    except Exception as exc:
         return Grounding((), (*notes, f"internal parser error ({type(exc).__name__}): no boxes"))
-    return Grounding(tuple(b for b in boxes if b is not None), tuple(notes))
+    return Grounding(tuple(boxes), tuple(notes))
+
+
+def _qwen_boxes(text: str, point_box_size: float, notes: list[str]) -> list[Box]:
+    entries = _find_entries(text, notes)
+    boxes = [_entry_to_box(entry, i, point_box_size, notes) for i, entry in enumerate(entries)]
+    return [b for b in boxes if b is not None]
 
 
 def _find_entries(text: str, notes: list[str]) -> list[dict]:
@@ -219,19 +233,10 @@ def parse_molmo_points(text: str, *, point_box_size: float = 0.1, image_index: i
     outside the image is first clipped to its edge. Only points on image `image_index` (1-based, the
     image of the prompt whose points are wanted) are kept; others are noted and skipped.
     """
-    if not 0.0 < point_box_size <= 1.0:
-        raise ValueError(f"point_box_size must be in (0, 1], got {point_box_size}")
-    if not isinstance(text, str):
-        return Grounding((), (f"expected text, got {type(text).__name__}: no boxes",))
-    notes: list[str] = []
-    try:
-        boxes = _molmo_boxes(text, point_box_size, image_index, notes)
-    except Exception as exc:  # "never raise on model text": a bug must not kill a request
-        return Grounding((), (*notes, f"internal parser error ({type(exc).__name__}): no boxes"))
-    return Grounding(tuple(boxes), tuple(notes))
+    return _never_raising(partial(_molmo_boxes, image_index=image_index), text, point_box_size)
 
 
-def _molmo_boxes(text: str, size: float, image_index: int, notes: list[str]) -> list[Box]:
+def _molmo_boxes(text: str, size: float, notes: list[str], *, image_index: int) -> list[Box]:
     boxes: list[Box] = []
     tags = list(_MOLMO_TAG.finditer(text))
     if not tags:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from runtimes.base import Sampling
+from runtimes.base import Generation, Sampling
 
 
 class Sampler:
@@ -46,11 +47,33 @@ class Sampler:
         return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
 @dataclass
 class DecodeResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     ms: float
+
+    def generations(
+        self, tokenizer: Detokenizer, prefix_tokens: int, suffix_tokens: int, ms: float
+    ) -> list[Generation]:
+        """One Generation per sequence, accounted as a fork: the first computed the suffix on top of the
+        prefix, the others took both from its KV."""
+        return [
+            Generation(
+                text=tokenizer.decode(ids, skip_special_tokens=True),
+                token_ids=ids,
+                prompt_tokens=suffix_tokens if i == 0 else 0,
+                reused_tokens=prefix_tokens + (0 if i == 0 else suffix_tokens),
+                generated_tokens=len(ids),
+                ms=ms,
+                finish_reason=reason,
+            )
+            for i, (ids, reason) in enumerate(zip(self.token_ids, self.finish_reasons))
+        ]
 
 
 def decode(

@@ -441,18 +441,7 @@ class LlamaCppRuntime:
             for seq_id in work:
                 model.clear(seq_id)
         ms = (time.perf_counter() - start) * 1000
-        return [
-            Generation(
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                token_ids=tokens,
-                prompt_tokens=len(ids) if i == 0 else 0,
-                reused_tokens=prefix.n_tokens + (0 if i == 0 else len(ids)),
-                generated_tokens=len(tokens),
-                ms=ms,
-                finish_reason=reason,
-            )
-            for i, (tokens, reason) in enumerate(zip(result.token_ids, result.finish_reasons))
-        ]
+        return result.generations(self.tokenizer, prefix.n_tokens, len(ids), ms)
 
     def close(self) -> None:
         for model in self._models.values():

@@ -41,22 +41,32 @@ def open_session(path: Path, providers: Sequence[str]) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as error:  # ORT raises its own exception types for malformed graphs
-        raise RuntimeInputError(f"{path}: onnxruntime cannot load it ({' '.join(str(error).split())})") from None
+        raise RuntimeInputError(
+            f"{path}: onnxruntime cannot load it ({' '.join(str(error).split())})"
+        ) from None
 
 
 Past = list[Any]  # per layer key, value: np.ndarray (CPU) or OrtValue on the GPU (CUDA)
 
 
 class DecoderSession:
-    """The decoder graph: host inputs + past KV in, last-position logits (numpy) + present KV out."""
+    """The decoder graph: host inputs + past KV in, last-position logits (float32 numpy) + present KV out."""
 
-    def __init__(self, session: ort.InferenceSession, kv_shape: tuple[int, int], dtype: np.dtype) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        kv_shape: tuple[int, int],
+        dtype: np.dtype,
+        bind_device: str | None = None,
+    ) -> None:
         self.session = session
         self.kv_heads, self.head_dim = kv_shape
         self.dtype = dtype
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
-        self.on_gpu = session.get_providers()[0] == CUDA
+        # IO binding when the graph runs on the GPU (KV stays there); on CPU plain numpy in/out is as fast.
+        # bind_device="cpu" forces the binding path on CPU, so tests without a GPU exercise it too.
+        self.bind_device = bind_device or ("cuda" if session.get_providers()[0] == CUDA else None)
 
     def empty(self, batch: int) -> Past:
         """Past KV of length 0, for a prompt's first forward."""
@@ -64,29 +74,29 @@ class DecoderSession:
         return [zeros] * len(self.past_names)
 
     def __call__(self, inputs: dict[str, np.ndarray], past: Past) -> tuple[np.ndarray, Past]:
-        if not self.on_gpu:
+        if self.bind_device is None:
             outputs = self.session.run(None, {**inputs, **dict(zip(self.past_names, past))})
-            return outputs[0], outputs[1:]
+            return outputs[0].astype(np.float32, copy=False), outputs[1:]
         binding = self.session.io_binding()
         for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))  # binding reads the raw buffer
         for name, value in zip(self.past_names, past):
             if isinstance(value, np.ndarray):  # an empty past starts on the host
-                binding.bind_cpu_input(name, value)
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.bind_device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
     def fork(self, past: Past, n: int) -> Past:
         """Repeat a batch-1 KV into n sequences; the input KV is left untouched (the prefix stays valid)."""
         if n == 1:
             return list(past)
-        if not self.on_gpu:
+        if self.bind_device is None:
             return [np.repeat(value, n, axis=0) for value in past]
         host = (value if isinstance(value, np.ndarray) else value.numpy() for value in past)
-        return [ort.OrtValue.ortvalue_from_numpy(np.repeat(value, n, axis=0), "cuda", 0) for value in host]
+        return [ort.OrtValue.ortvalue_from_numpy(np.repeat(v, n, axis=0), self.bind_device, 0) for v in host]

@@ -162,19 +162,7 @@ class TorchRefRuntime:
 
         result = decode(np.repeat(logits[None], n, axis=0), step, sampling, self.eos_ids)
         ms = (time.perf_counter() - start) * 1000
-        suffix_tokens = len(prompt.token_ids)
-        return [
-            Generation(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                token_ids=ids,
-                prompt_tokens=suffix_tokens if i == 0 else 0,
-                reused_tokens=prefix.n_tokens + (0 if i == 0 else suffix_tokens),
-                generated_tokens=len(ids),
-                ms=ms,
-                finish_reason=reason,
-            )
-            for i, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons))
-        ]
+        return result.generations(self.tokenizer, prefix.n_tokens, len(prompt.token_ids), ms)
 
     def close(self) -> None:
         self._models.clear()

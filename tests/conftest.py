@@ -17,6 +17,54 @@ def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny") / "qwen3vl", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_molmo2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.tiny_molmo2 import build_tiny_molmo2
+
+    return build_tiny_molmo2(tmp_path_factory.mktemp("tiny") / "molmo2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_onnx(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported once to an ONNX bundle, with a 'perception' variant merged from a random
+    LoRA adapter; the adapter itself is at `<bundle>.parent / "perception-lora"` (for torch_ref)."""
+    from engine.cli import main
+    from export.tiny_lora import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("onnx")
+    lora = build_tiny_lora(tiny_qwen3vl, root / "perception-lora", seed=0)
+    bundle = root / "bundle"
+    model, out = str(tiny_qwen3vl), str(bundle)
+    assert main(["export", "onnx", "--model", model, "--out", out, "--perception-lora", str(lora)]) == 0
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_molmo2_onnx(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Molmo2 exported once to an fp32 ONNX bundle with `sparc-engine export onnx`."""
+    from engine.cli import main
+
+    bundle = tmp_path_factory.mktemp("molmo2-onnx") / "bundle"
+    assert main(["export", "onnx", "--model", str(tiny_molmo2), "--out", str(bundle)]) == 0
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_gguf(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported once to an f32 GGUF bundle (+ a 'perception' variant merged from a random
+    LoRA at `<bundle>.parent / "perception-lora"`); skips without llama-cpp-python."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
+    from engine.cli import main
+    from export.tiny_lora import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("gguf")
+    lora = build_tiny_lora(tiny_qwen3vl, root / "perception-lora", seed=0)
+    bundle = root / "bundle"
+    args = ["export", "gguf", "--model", str(tiny_qwen3vl), "--out", str(bundle), "--quant", "f32"]
+    assert main([*args, "--perception-lora", str(lora)]) == 0
+    return bundle
+
+
 class ScriptedRuntime:
     """Answers from a script instead of a model, and counts tokens like a real runtime would.
 

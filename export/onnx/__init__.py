@@ -9,52 +9,60 @@
 The family (export/onnx/<family>.py, picked by the checkpoint's `architectures`) says which graphs exist
 and how to build them; this driver exports them with the TorchScript exporter, merges the LoRA, and
 writes the manifest with every file's sha256.
+
+--dtype fp16 casts the model before tracing, so the graphs are typed fp16 end to end (TensorRT 11 builds
+only strongly typed networks): every float input and output (pixel_values, interp_weights,
+inputs_embeds, deepstack_embeds, past/present KV, image_embeds, logits) is float16; ids, positions and
+masks stay int64. Norms and softmax still upcast to float32 inside, as transformers does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import shutil
 import sys
 import tempfile
 import warnings
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from export.onnx import qwen3vl  # noqa: F401  (registers the family)
+from export.onnx import molmo2, qwen3vl  # noqa: F401  (registers the families)
 from export.onnx.base import ONNX_FAMILIES, Graph, OnnxFamily
 from runtimes.base import RuntimeInputError
 from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
-from runtimes.torch_ref import _read_json, checkpoint_image_config
+from runtimes.torch_ref import checkpoint_image_config
 
 OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def export_onnx(args: argparse.Namespace) -> Path:
-    config = _read_json(args.model / "config.json")
-    if not config:
-        raise RuntimeInputError(f"{args.model}: not a Hugging Face checkpoint (no config.json)")
+    model_dir, out = Path(args.model), Path(args.out)
+    lora = Path(args.perception_lora) if args.perception_lora else None
+    config = _read_json(model_dir / "config.json")
+    if not config or not (model_dir / "tokenizer.json").is_file():
+        raise RuntimeInputError(
+            f"{model_dir}: not a Hugging Face checkpoint (needs config.json, tokenizer.json)"
+        )
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in ONNX_FAMILIES:
         raise RuntimeInputError(
             f"ONNX export does not support {architecture!r} (supported: {', '.join(sorted(ONNX_FAMILIES))})"
         )
-    if args.dtype != "fp32":
-        # Needs fp16 kernels for every op on the exporting CPU and a parity check on a GPU; not done yet.
-        raise RuntimeInputError(f"--dtype {args.dtype} is not supported yet by the ONNX exporter (use fp32)")
+    if lora and not (lora / "adapter_config.json").is_file():
+        raise RuntimeInputError(f"--perception-lora {lora}: not a PEFT adapter (no adapter_config.json)")
     family = ONNX_FAMILIES[architecture](config)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is rewritten
 
-    lora = args.perception_lora
     steps = [*family.roles, *(["perception"] if lora else []), "manifest"]
     with tqdm(total=len(steps), desc="export onnx", unit="step", file=sys.stderr) as progress:
-        base = _load(args.model, DTYPES[args.dtype])
+        base = _load(model_dir, DTYPES[args.dtype])
         variants: dict[str, dict[str, str]] = {"base": {}}
         for role in family.roles:
             progress.set_postfix_str(f"base/{role}")
@@ -62,21 +70,23 @@ def export_onnx(args: argparse.Namespace) -> Path:
             progress.update()
         if lora:
             progress.set_postfix_str("perception")
-            variants["perception"] = _export_perception(family, base, args.model, lora, DTYPES[args.dtype], out)
+            variants["perception"] = _export_perception(
+                family, base, model_dir, lora, DTYPES[args.dtype], out
+            )
             progress.update()
         progress.set_postfix_str("manifest")
-        shutil.copyfile(args.model / "tokenizer.json", out / "tokenizer.json")
+        shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
         manifest = Manifest(
             format="onnx",
             architecture=architecture,
-            source=str(args.model),
+            source=str(model_dir),
             dtype=args.dtype,
-            image=checkpoint_image_config(args.model),
-            tokens={**family.tokens(), "eos_token_ids": _eos_ids(args.model, config)},
+            image=checkpoint_image_config(model_dir),
+            tokens={**family.tokens(), "eos_token_ids": _eos_ids(model_dir, config)},
             variants=variants,
             files=_checksums(out, variants),
-            tools={name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime", "peft")},
-            model={**family.sizes(), "opset": OPSET, "io_dtype": args.dtype, "lora": str(lora) if lora else None},
+            tools=_versions("torch", "transformers", "onnx", "onnxruntime", "peft"),
+            model={**family.sizes(), "opset": OPSET, "perception_lora": str(lora) if lora else None},
         )
         write_manifest(out, manifest)
         progress.update()
@@ -133,17 +143,35 @@ def _export_graph(graph: Graph, out: Path, relative: str) -> str:
         if len(list(Path(scratch).iterdir())) == 1:
             traced.replace(path)
         else:
-            # Over 2 GB the exporter writes one file per tensor; gather them into one `<name>.data`.
-            import onnx
-
-            onnx.save_model(
-                onnx.load(str(traced)),
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=path.name + ".data",
-            )
+            gather_external_data(traced, path)
     return relative
+
+
+def gather_external_data(source: Path, path: Path) -> None:
+    """Re-save a graph whose weights are spread over one file per tensor (what the TorchScript exporter
+    writes past protobuf's 2 GB limit) as `path` plus a single `<name>.data`, which the manifest lists."""
+    import onnx
+
+    onnx.save_model(
+        onnx.load(str(source)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+    )
+
+
+def _versions(*names: str) -> dict[str, str]:
+    """Installed versions of the export tools (onnxruntime, say, is not needed to export)."""
+    found = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
@@ -158,5 +186,7 @@ def _checksums(out: Path, variants: dict[str, dict[str, str]]) -> dict[str, str]
     for roles in variants.values():
         for relative in roles.values():
             files.append(relative)
-            files += sorted(str(p.relative_to(out)) for p in (out / relative).parent.glob(Path(relative).name + ".*"))
+            files += sorted(
+                str(p.relative_to(out)) for p in (out / relative).parent.glob(Path(relative).name + ".*")
+            )
     return {relative: sha256_file(out / relative) for relative in files}

@@ -142,7 +142,9 @@ class Qwen3VLOnnx(OnnxFamily):
         if role == "embed":
             ids = torch.zeros((1, 5), dtype=torch.int64)
             axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
-            return Graph(EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes)
+            return Graph(
+                EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes
+            )
         if role == "decoder":
             return self._decoder_graph(model, dtype)
         raise ValueError(f"unknown role {role!r}")
@@ -151,11 +153,18 @@ class Qwen3VLOnnx(OnnxFamily):
         from runtimes.qwen3vl_vision import qwen_vision_tables
 
         # Two images of different non-square grids: nothing about one size can be baked into the trace.
-        grids = [(1, 4, 6), (1, 6, 2)]
-        tables = qwen_vision_tables(grids, num_grid_per_side=self.sizes()["num_grid_per_side"], merge_size=2)
+        sizes, merge = self.sizes(), self.vision["spatial_merge_size"]
+        grids = [(1, 2 * merge, 3 * merge), (1, 3 * merge, merge)]
+        tables = qwen_vision_tables(grids, num_grid_per_side=sizes["num_grid_per_side"], merge_size=merge)
         n = int(tables.cu_seqlens[-1])
-        patch = self.vision.get("in_channels", 3) * self.vision["temporal_patch_size"] * self.vision["patch_size"] ** 2
-        frame_ids = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor([h * w for _, h, w in grids]))
+        patch = (
+            self.vision.get("in_channels", 3)
+            * self.vision["temporal_patch_size"]
+            * self.vision["patch_size"] ** 2
+        )
+        frame_ids = torch.repeat_interleave(
+            torch.arange(len(grids)), torch.tensor([h * w for _, h, w in grids])
+        )
         inputs = (
             torch.randn(n, patch, dtype=dtype),
             torch.from_numpy(tables.interp_indices),
@@ -166,14 +175,18 @@ class Qwen3VLOnnx(OnnxFamily):
         names = ["pixel_values", "interp_indices", "interp_weights", "rotary_pos_ids", "frame_ids"]
         axes = {name: {0: "patches"} for name in names}
         axes |= {"image_embeds": {0: "tokens"}, "deepstack_features": {1: "tokens"}}
-        return Graph(VisionCore(model.model.visual), inputs, names, ["image_embeds", "deepstack_features"], axes)
+        return Graph(
+            VisionCore(model.model.visual), inputs, names, ["image_embeds", "deepstack_features"], axes
+        )
 
     def _decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         sizes = self.sizes()
         batch, length, past = 2, 3, 4  # distinct sizes, so no axis is mistaken for another when traced
         hidden = sizes["hidden_size"]
         kv_shape = (batch, sizes["num_key_value_heads"], past, sizes["head_dim"])
-        past_names = [f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")]
+        past_names = [
+            f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")
+        ]
         present_names = [name.replace("past_key_values", "present") for name in past_names]
         inputs = (
             torch.randn(batch, length, hidden, dtype=dtype),
@@ -216,7 +229,8 @@ class Qwen3VLOnnx(OnnxFamily):
             "hidden_size": self.text["hidden_size"],
             "num_attention_heads": self.text["num_attention_heads"],
             "num_key_value_heads": self.text["num_key_value_heads"],
-            "head_dim": self.text.get("head_dim") or self.text["hidden_size"] // self.text["num_attention_heads"],
+            "head_dim": self.text.get("head_dim")
+            or self.text["hidden_size"] // self.text["num_attention_heads"],
             "vocab_size": self.text["vocab_size"],
             "max_position_embeddings": self.text.get("max_position_embeddings", 32768),
             "num_deepstack": len(self.vision.get("deepstack_visual_indexes", [])),

@@ -1,0 +1,86 @@
+"""The per-architecture pieces of the ONNX runtime, and their registry (torch-free, like runtimes/onnx.py).
+
+The runtime (runtimes/onnx.py) owns what every family shares: sessions, the embed graph, the KV cache,
+prefix forks and batched decoding. An `OnnxRuntimeFamily` owns what differs between the bundles of two
+architectures: how segments become token ids and rope positions, how the vision graph is fed and where its
+features go, and the decoder inputs besides `inputs_embeds`, `attention_mask` and the KV (M-RoPE and
+DeepStack for Qwen3-VL, 1-D positions and image-token types for Molmo2). A family registers itself for the
+HF `architectures` names it serves; the runtime picks one by the manifest's architecture.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from runtimes.base import ImageConfig, ImageInput, RuntimeInputError, Segment
+from runtimes.bundle import Manifest
+from runtimes.mrope import TokenizedPrompt
+
+ONNX_RUNTIME_FAMILIES: dict[str, type[OnnxRuntimeFamily]] = {}
+
+
+class OnnxRuntimeFamily(ABC):
+    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries served
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "architectures"):
+            raise TypeError(f"onnx runtime family {cls.__name__} must define architectures")
+        for architecture in cls.architectures:
+            ONNX_RUNTIME_FAMILIES[architecture] = cls
+
+    def __init__(self, manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> None:
+        self.manifest_image = manifest.image
+        self.sizes = manifest.model  # what the exporter's family wrote (layers, heads, layout switches)
+        self.tokens = manifest.tokens
+        self.tokenizer = tokenizer
+        self.dtype = dtype  # float type of the graphs' float inputs and outputs
+
+    def image_config(self) -> ImageConfig:
+        """Preprocessing constants the engine's family gets (ModelInfo.image); the manifest's by default."""
+        return self.manifest_image
+
+    @abstractmethod
+    def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
+        """Token ids and rope positions of a prompt continuing at rope position `start_position`."""
+
+    @abstractmethod
+    def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> Any:
+        """The vision graph's outputs for `images`, in prompt order (the family's own layout)."""
+
+    @abstractmethod
+    def chunk_inputs(
+        self,
+        vision: ort.InferenceSession,
+        prompt: TokenizedPrompt,
+        embeds: np.ndarray,
+        history: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        """Decoder inputs of one prefill chunk besides inputs_embeds, attention_mask and the KV.
+
+        Writes the chunk's image features into `embeds` (1, S, H) in place. `history` holds the token ids
+        already in the KV, for masks that look back.
+        """
+
+    @abstractmethod
+    def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
+        """The same extra inputs for one decoding step of n sequences `length` tokens long so far."""
+
+
+def check_feature_count(prompt: TokenizedPrompt, features: int) -> None:
+    """Refuse a prompt whose image placeholders and image features disagree (a stale or foreign image)."""
+    slots = int(prompt.image_mask.sum())
+    if features != slots:
+        raise RuntimeInputError(
+            f"the prompt has {slots} image tokens but its images give {features} embeddings"
+        )
+
+
+def onnx_family_for(manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> OnnxRuntimeFamily:
+    return ONNX_RUNTIME_FAMILIES[manifest.architecture](manifest, tokenizer, dtype)

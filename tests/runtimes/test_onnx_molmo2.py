@@ -1,0 +1,240 @@
+"""The onnxruntime runtime against the transformers reference on the tiny Molmo2 bundle.
+
+Tolerance: last-token logits of a prefill or of a suffix chunk match within ~3e-6 (max abs, fp32); the
+tests allow 2e-5. Greedy tokens must be identical, and the tiny model is checked to really generate that
+many tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from PIL import Image as PILImage  # noqa: E402
+
+from engine.families import family_for  # noqa: E402
+from engine.families.molmo2 import Molmo2Family  # noqa: E402
+from engine.pipeline import Pipeline  # noqa: E402
+from engine.spec import validate  # noqa: E402
+from runtimes.base import Sampling, Text  # noqa: E402
+from runtimes.onnx import OnnxRuntime  # noqa: E402
+from runtimes.onnx_session import DecoderSession  # noqa: E402
+from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
+
+ATOL = 2e-5
+NEW_TOKENS = 16  # greedy tokens compared per sequence
+
+
+def picture(width: int, height: int, seed: int = 0) -> PILImage.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
+    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def onnx_runtime(tiny_molmo2_onnx: Path) -> OnnxRuntime:
+    return OnnxRuntime(tiny_molmo2_onnx, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_molmo2: Path) -> TorchRefRuntime:
+    return TorchRefRuntime(tiny_molmo2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def family(onnx_runtime, reference):
+    assert onnx_runtime.info == reference.info  # the engine's family sees the same model either way
+    return family_for(onnx_runtime.info.architecture, onnx_runtime.info.image)
+
+
+def assert_same_run(onnx_runtime, reference, prefix_segments, suffix, n: int = 2) -> None:
+    """Prefill + generate on both runtimes: prefix and suffix logits close, tokens and counts identical.
+
+    The logits are the sharp check: the tiny model's greedy tokens survive even a causal-only image mask.
+    """
+    ours = onnx_runtime.prefill(prefix_segments, "base")
+    theirs = reference.prefill(prefix_segments, "base")
+    assert ours.token_ids == theirs.token_ids and ours.next_position == theirs.next_position
+    np.testing.assert_allclose(ours.state[1], theirs.state[1], rtol=0, atol=ATOL)
+    prompt = onnx_runtime._tokenize(suffix, ours.next_position)
+    graphs = onnx_runtime.graphs("base")
+    got, _ = onnx_runtime._forward(graphs, prompt, ours.state[0], ours.n_tokens, ours.token_ids)
+    cache = copy.deepcopy(theirs.state[0])
+    expected = reference._forward("base", prompt, cache, theirs.n_tokens, theirs.token_ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    got = onnx_runtime.generate(ours, suffix, n, Sampling(NEW_TOKENS))
+    expected = reference.generate(theirs, suffix, n, Sampling(NEW_TOKENS))
+    assert all(g.generated_tokens == NEW_TOKENS and g.finish_reason == "length" for g in expected)
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+    assert [(g.prompt_tokens, g.reused_tokens) for g in got] == [
+        (g.prompt_tokens, g.reused_tokens) for g in expected
+    ]
+
+
+@pytest.mark.parametrize(("size", "resolution"), [((64, 64), 512), ((300, 500), 644)])
+def test_prefill_and_greedy_tokens_match_torch_ref(onnx_runtime, reference, family, size, resolution):
+    image = family.prepare_image(picture(*size, seed=1), resolution, f"img{size}")
+    suffix = family.question_suffix("Point to the dog.")
+    assert_same_run(onnx_runtime, reference, family.image_prefix(image), suffix)
+
+
+def test_several_images_in_one_chunk_match_torch_ref(onnx_runtime, reference, family):
+    """Crops both ways: prefilled in one chunk with the global view (every image token attends to every
+    other), and appended in a suffix on top of the cached view; the suffix then has no or some images."""
+    image = family.prepare_image(picture(200, 120, seed=2), 512, "view")
+    crops = [family.prepare_image(picture(w, h, seed=3), 378, f"crop{w}") for w, h in ((90, 60), (50, 110))]
+    with_crops = family.question_suffix("What is it?", crops)
+    one_chunk = family.image_prefix(image) + with_crops[:-1]
+    assert_same_run(onnx_runtime, reference, one_chunk, with_crops[-1:])
+    assert_same_run(onnx_runtime, reference, family.image_prefix(image), with_crops)
+
+
+def test_sampled_rollouts_batched_equal_one_by_one_and_the_prefix_is_not_mutated(
+    onnx_runtime, reference, family
+):
+    image = family.prepare_image(picture(96, 64), 512, "sample")
+    prefix_segments, suffix = family.image_prefix(image), family.question_suffix("find the dog")
+    seeds = (5, 6, 7)
+    prefix = onnx_runtime.prefill(prefix_segments, "base")
+    kv_before = [value.copy() for value in prefix.state[0]]
+    batched = onnx_runtime.generate(prefix, suffix, 3, Sampling(12, temperature=1.0, seeds=seeds))
+    alone = [
+        onnx_runtime.generate(prefix, suffix, 1, Sampling(12, temperature=1.0, seeds=(s,)))[0] for s in seeds
+    ]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in batched}) > 1  # the streams differ
+    assert all(np.array_equal(a, b) for a, b in zip(kv_before, prefix.state[0], strict=True))
+    theirs = reference.prefill(prefix_segments, "base")
+    expected = reference.generate(theirs, suffix, 3, Sampling(12, temperature=1.0, seeds=seeds))
+    assert [g.token_ids for g in batched] == [g.token_ids for g in expected]
+
+
+def test_io_binding_path_decodes_the_same_tokens(tiny_molmo2_onnx, onnx_runtime, family):
+    """The CUDA path's IO binding (KV kept as OrtValues between steps), run on CPU so it is tested here."""
+    bound = OnnxRuntime(tiny_molmo2_onnx, device="cpu")
+    plain = bound.graphs("base").decoder
+    bound.graphs("base").decoder = DecoderSession(
+        plain.session, (plain.kv_heads, plain.head_dim), plain.dtype, "cpu"
+    )
+    prefix = family.image_prefix(family.prepare_image(picture(160, 96), 512, "bind"))
+    suffix = family.question_suffix("find the dog")
+    got = bound.generate(bound.prefill(prefix, "base"), suffix, 2, Sampling(NEW_TOKENS))
+    expected = onnx_runtime.generate(onnx_runtime.prefill(prefix, "base"), suffix, 2, Sampling(NEW_TOKENS))
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+
+
+class FixedPoints:
+    """Delegates to a real runtime but replaces perceive outputs with fixed points, so the random model's
+    pipeline gets regions and the reason stage runs on crops on both runtimes."""
+
+    POINTS = '<points coords="1 1 250 300 2 750 650">a</points>'
+    # the perceive prompt's fixed part (after the question) tells a perceive call from a reason call
+    PERCEIVE = Molmo2Family.perceive_prompt.split("{question}")[-1].strip()
+
+    def __init__(self, inner) -> None:
+        self.inner, self.info = inner, inner.info
+
+    def prefill(self, segments, variant):
+        return self.inner.prefill(segments, variant)
+
+    def generate(self, prefix, suffix, n, sampling):
+        generations = self.inner.generate(prefix, suffix, n, sampling)
+        if any(self.PERCEIVE in s.text for s in suffix if isinstance(s, Text)):
+            generations = [replace(g, text=self.POINTS) for g in generations]
+        return generations
+
+    def close(self) -> None:
+        pass
+
+
+def greedy_raw(bundle: Path, runtime: str) -> dict:
+    """SPARC with greedy rollouts: every stage is deterministic, so runtimes must agree exactly."""
+    return {
+        "model": {"bundle": str(bundle), "runtime": runtime, "device": "cpu"},
+        "stages": [
+            {"perceive": {"resolution": 512, "rollouts": 2, "temperature": 0.0, "max_new_tokens": 12}},
+            {"fuse": {"iou_thr": 0.5}},
+            {"crop": {"min_side": 64, "resolution": 378, "max_crops": 2}},
+            {"reason": {"resolution": 512, "max_new_tokens": 12}},
+        ],
+    }
+
+
+@pytest.mark.parametrize("points", [False, True], ids=["model-points", "fixed-points"])
+def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
+    onnx_runtime, reference, tiny_molmo2_onnx, tiny_molmo2, points
+):
+    image = picture(300, 200, seed=3)
+    results = []
+    for bundle, name, runtime in (
+        (tiny_molmo2_onnx, "onnx", onnx_runtime),
+        (tiny_molmo2, "torch_ref", reference),
+    ):
+        pipeline = Pipeline(validate(greedy_raw(bundle, name)), FixedPoints(runtime) if points else runtime)
+        results.append(pipeline.run(image, "What colour is the car?").to_dict())
+    for result in results:
+        for stage in result["stages"]:
+            stage.pop("ms")
+    ours, theirs = results
+    assert ours == theirs
+    if points:
+        perceive, reason = ours["stages"][0], ours["stages"][-1]
+        assert len(ours["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]  # crops seen
+
+
+RUN_WITHOUT_TORCH = """
+import json, sys
+import numpy as np
+from PIL import Image
+from engine.pipeline import open_pipeline
+from engine.spec import validate
+spec = validate(json.loads(sys.argv[1]))
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+result = open_pipeline(spec).run(image, "Where is the cat?")
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
+print(json.dumps({"answer": result.answer, "heavy": heavy}))
+"""
+
+
+def test_a_molmo2_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_molmo2_onnx: Path) -> None:
+    spec = {
+        "model": {"bundle": str(tiny_molmo2_onnx), "runtime": "onnx", "device": "auto"},
+        "stages": [
+            {"perceive": {"resolution": 378, "rollouts": 2, "max_new_tokens": 8}},
+            {"fuse": {}},
+            {"crop": {"min_side": 32, "resolution": 378}},
+            {"reason": {"resolution": 378, "max_new_tokens": 8}},
+        ],
+    }
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT_TORCH, json.dumps(spec)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    output = json.loads(done.stdout.strip().splitlines()[-1])
+    assert output["heavy"] == [] and isinstance(output["answer"], str)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime's CUDA execution provider",
+)
+def test_cuda_decodes_the_same_greedy_tokens_as_cpu(tiny_molmo2_onnx: Path, onnx_runtime, family) -> None:
+    gpu = OnnxRuntime(tiny_molmo2_onnx, device="cuda")
+    prefix = family.image_prefix(family.prepare_image(picture(160, 96), 512, "gpu"))
+    suffix = family.question_suffix("find the dog")
+    got = gpu.generate(gpu.prefill(prefix, "base"), suffix, 3, Sampling(NEW_TOKENS))
+    expected = onnx_runtime.generate(onnx_runtime.prefill(prefix, "base"), suffix, 3, Sampling(NEW_TOKENS))
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
