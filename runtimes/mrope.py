@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtimes.base import Image, ImageInput, Segment
+from runtimes.base import Image, ImageInput, Prefix, Segment
 
 
 @dataclass
@@ -24,6 +24,36 @@ class TokenizedPrompt:
     images: list[ImageInput]  # in prompt order
     image_mask: np.ndarray  # (S,) bool: placeholder tokens filled by image embeddings
     next_position: int  # rope position of the token after this prompt
+
+    def prefix(self, variant: str, state: object) -> Prefix:
+        """This prompt as a prefix, its KV (`state`, the runtime's handle) computed from scratch."""
+        return Prefix(
+            variant=variant,
+            token_ids=self.token_ids,
+            next_position=self.next_position,
+            computed_tokens=len(self.token_ids),
+            state=state,
+            images=tuple(self.images),
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a Qwen3-VL checkpoint fixes of its prompts' tokens and positions (config.json, or the manifest)."""
+
+    image_token_id: int  # the placeholder the image embeddings replace
+    merge_size: int  # patches per token side
+
+    def tokenize(
+        self, tokenizer: Tokenizer, segments: Sequence[Segment], start_position: int
+    ) -> TokenizedPrompt:
+        return tokenize(
+            tokenizer,
+            segments,
+            image_token_id=self.image_token_id,
+            merge_size=self.merge_size,
+            start_position=start_position,
+        )
 
 
 def tokenize(

@@ -63,7 +63,7 @@ class OnnxRuntime:
         self.family = onnx_family_for(self.manifest, self.tokenizer, self.dtype)
         self.info = ModelInfo(
             architecture=self.manifest.architecture,
-            image=self.family.image_config(),
+            image=self.manifest.image,
             variants=tuple(self.manifest.variants),
             max_context=int(self.sizes.get("max_position_embeddings", 32768)),
         )
@@ -128,14 +128,7 @@ class OnnxRuntime:
         past, logits = graphs.decoder.empty(1), None
         if prompt.token_ids:
             logits, past = self._forward(graphs, prompt, past, 0)
-        return Prefix(
-            variant=variant,
-            token_ids=prompt.token_ids,
-            next_position=prompt.next_position,
-            computed_tokens=len(prompt.token_ids),
-            state=(past, logits),
-            images=tuple(prompt.images),
-        )
+        return prompt.prefix(variant, (past, logits))
 
     def generate(
         self, prefix: Prefix, suffix: Sequence[Segment], n: int, sampling: Sampling

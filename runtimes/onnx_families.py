@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from runtimes.base import ImageConfig, ImageInput, RuntimeInputError, Segment
+from runtimes.base import ImageInput, RuntimeInputError, Segment
 from runtimes.bundle import Manifest
 from runtimes.mrope import TokenizedPrompt
 
@@ -36,25 +36,20 @@ class OnnxRuntimeFamily(ABC):
             ONNX_RUNTIME_FAMILIES[architecture] = cls
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> None:
-        self.manifest_image = manifest.image
         self.sizes = manifest.model  # what the exporter's family wrote (layers, heads, layout switches)
         self.tokens = manifest.tokens
         self.tokenizer = tokenizer
         self.dtype = dtype  # float type of the graphs' float inputs and outputs
-
-    def image_config(self) -> ImageConfig:
-        """Preprocessing constants the engine's family gets (ModelInfo.image); the manifest's by default."""
-        return self.manifest_image
 
     @abstractmethod
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
         """Token ids and rope positions of a prompt continuing at rope position `start_position`."""
 
     @abstractmethod
-    def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> Any:
-        """The vision graph's outputs for `images`, in prompt order (the family's own layout)."""
+    def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> tuple[np.ndarray, ...]:
+        """The vision graph's outputs for `images`, in prompt order; the first holds one feature row per
+        image token (tokens, H), the others are the family's own (Qwen3-VL's DeepStack features)."""
 
-    @abstractmethod
     def chunk_inputs(
         self,
         vision: ort.InferenceSession,
@@ -64,22 +59,29 @@ class OnnxRuntimeFamily(ABC):
     ) -> dict[str, np.ndarray]:
         """Decoder inputs of one prefill chunk besides inputs_embeds, attention_mask and the KV.
 
-        Writes the chunk's image features into `embeds` (1, S, H) in place. `history` holds the token ids
-        already in the KV, for masks that look back.
+        Runs the chunk's images through the vision graph; `prompt_inputs` writes their features into
+        `embeds` (1, S, H) in place. `history` holds the token ids already in the KV, for masks that look back.
         """
+        outputs = None
+        if prompt.images:
+            outputs = self.vision(vision, prompt.images)
+            slots, features = int(prompt.image_mask.sum()), len(outputs[0])
+            if features != slots:  # a stale or foreign image
+                raise RuntimeInputError(
+                    f"the prompt has {slots} image tokens but its images give {features} embeddings"
+                )
+        return self.prompt_inputs(prompt, embeds, outputs, history)
+
+    @abstractmethod
+    def prompt_inputs(
+        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        """chunk_inputs' family part: the extra decoder inputs of `prompt`, with the vision outputs of its
+        images (None without images, else as many feature rows as image tokens) written into `embeds`."""
 
     @abstractmethod
     def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
         """The same extra inputs for one decoding step of n sequences `length` tokens long so far."""
-
-
-def check_feature_count(prompt: TokenizedPrompt, features: int) -> None:
-    """Refuse a prompt whose image placeholders and image features disagree (a stale or foreign image)."""
-    slots = int(prompt.image_mask.sum())
-    if features != slots:
-        raise RuntimeInputError(
-            f"the prompt has {slots} image tokens but its images give {features} embeddings"
-        )
 
 
 def onnx_family_for(manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> OnnxRuntimeFamily:

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from runtimes import molmo2_layout
-from runtimes.base import ImageConfig, ImageInput, Segment
+from runtimes.base import ImageInput, Segment
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx_families import OnnxRuntimeFamily, check_feature_count
+from runtimes.onnx_families import OnnxRuntimeFamily
 
 
 class Molmo2OnnxFamily(OnnxRuntimeFamily):
@@ -31,23 +31,11 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
         # the checkpoint's processor_config.json switches, as the exporter copied them
         self.layout = molmo2_layout.Layout.from_processor_config(self.sizes.get("processor") or {})
 
-    def image_config(self) -> ImageConfig:
-        """What the reference runtime reads from the checkpoint (runtimes/torch_molmo2.py): the export
-        driver's generic `image` section has Qwen-style defaults (temporal_patch_size) Molmo2 lacks."""
-        pre = self.sizes.get("preprocessing") or {}
-        return ImageConfig(
-            patch_size=pre.get("patch_size", 14),
-            merge_size=(pre.get("pooling_size") or [2, 2])[0],  # patches per LLM token side
-            temporal_patch_size=1,
-            mean=tuple(pre.get("image_mean") or self.manifest_image.mean),
-            std=tuple(pre.get("image_std") or self.manifest_image.std),
-        )
-
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
         return molmo2_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)
 
-    def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> np.ndarray:
-        """Images -> one feature per <im_patch> token (tokens, H), in prompt order.
+    def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> tuple[np.ndarray]:
+        """Images -> (one feature per <im_patch> token (tokens, H),), in prompt order.
 
         One run for all images: the ViT attends within a 378 px crop only, so stacking the crops of
         several images changes nothing but the batch size.
@@ -56,19 +44,14 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
         (features,) = session.run(
             None, {"pixel_values": pixels.astype(self.dtype, copy=False), "image_token_pooling": pooling}
         )
-        return features
+        return (features,)
 
-    def chunk_inputs(
-        self,
-        vision: ort.InferenceSession,
-        prompt: TokenizedPrompt,
-        embeds: np.ndarray,
-        history: Sequence[int],
+    def prompt_inputs(
+        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
     ) -> dict[str, np.ndarray]:
-        if prompt.images:
-            features = self.vision(vision, prompt.images)
-            check_feature_count(prompt, len(features))
-            embeds[0, prompt.image_mask] += features
+        if images:
+            (features,) = images
+            embeds[0, prompt.image_mask] += features  # ADDED to the <im_patch> embeddings
         types = molmo2_layout.token_types([*history, *prompt.token_ids], self.vocab)  # (past + S,)
         return {"position_ids": prompt.positions, "token_types": types[None]}  # (1, S), (1, past + S)
 

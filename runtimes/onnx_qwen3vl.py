@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtimes import mrope
 from runtimes.base import ImageInput, Segment
-from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
-from runtimes.onnx_families import OnnxRuntimeFamily, check_feature_count
+from runtimes.mrope import TokenizedPrompt
+from runtimes.onnx_families import OnnxRuntimeFamily
 from runtimes.qwen3vl_vision import qwen_vision_tables
 
 
@@ -21,18 +22,11 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.image_token_id = int(self.tokens["image_token_id"])
-        self.merge_size = int(self.sizes["spatial_merge_size"])
+        self.layout = mrope.Layout(int(self.tokens["image_token_id"]), int(self.sizes["spatial_merge_size"]))
         self.n_deep = int(self.sizes["num_deepstack"])
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
-        return tokenize(
-            self.tokenizer,
-            segments,
-            image_token_id=self.image_token_id,
-            merge_size=self.merge_size,
-            start_position=start_position,
-        )
+        return self.layout.tokenize(self.tokenizer, segments, start_position)
 
     def vision(
         self, session: ort.InferenceSession, images: Sequence[ImageInput]
@@ -49,7 +43,7 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
         tables = qwen_vision_tables(
             image.grid_thw,
             num_grid_per_side=int(self.sizes["num_grid_per_side"]),
-            merge_size=self.merge_size,
+            merge_size=self.layout.merge_size,
         )
         frame_lengths = np.diff(tables.cu_seqlens)  # an image is one frame; a video's frames stay apart
         embeds, deepstack = session.run(
@@ -64,23 +58,18 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
         )
         return embeds, deepstack
 
-    def chunk_inputs(
-        self,
-        vision: ort.InferenceSession,
-        prompt: TokenizedPrompt,
-        embeds: np.ndarray,
-        history: Sequence[int],
+    def prompt_inputs(
+        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
     ) -> dict[str, np.ndarray]:
         deepstack = np.zeros((self.n_deep, *embeds.shape), self.dtype)  # (n_deep, 1, S, H): zeros off images
-        if prompt.images:
-            image_embeds, image_deepstack = self.vision(vision, prompt.images)
-            check_feature_count(prompt, len(image_embeds))
-            embeds[0, prompt.image_mask] = image_embeds
+        if images:
+            image_embeds, image_deepstack = images
+            embeds[0, prompt.image_mask] = image_embeds  # replace the placeholders
             deepstack[:, 0, prompt.image_mask] = image_deepstack
         return {"position_ids": prompt.positions[:, None, :], "deepstack_embeds": deepstack}  # (3, 1, S)
 
     def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
-        positions = np.broadcast_to(decode_positions(next_position, 1)[:, None, :], (3, n, 1))
+        positions = np.broadcast_to(mrope.decode_positions(next_position, 1)[:, None, :], (3, n, 1))
         hidden = int(self.sizes["hidden_size"])
         return {
             "position_ids": np.ascontiguousarray(positions),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,41 +33,49 @@ SUPPORTED_PREPROCESSING = {
 }
 
 
+def checkpoint_json(model_dir: Path, name: str) -> dict:
+    """A processor file of the checkpoint ({} when it has none: transformers' defaults apply)."""
+    path = model_dir / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def checked_preprocessor_config(model_dir: Path) -> dict:
+    """The checkpoint's preprocessor_config.json, refused if it asks for other preprocessing than the engine's."""
+    preprocessor = checkpoint_json(model_dir, "preprocessor_config.json")
+    problems = [
+        f"{key}={preprocessor[key]!r} (supported: {value!r})"
+        for key, value in SUPPORTED_PREPROCESSING.items()
+        if key in preprocessor and preprocessor[key] != value
+    ]
+    if problems:
+        raise RuntimeInputError(f"{model_dir}: unsupported Molmo2 preprocessing: {'; '.join(problems)}")
+    return preprocessor
+
+
+def molmo2_image_config(preprocessor: dict) -> ImageConfig:
+    """The engine's ImageConfig of a Molmo2 checkpoint (the ONNX export writes the same into its manifest)."""
+    return ImageConfig(
+        patch_size=preprocessor.get("patch_size", 14),
+        merge_size=preprocessor.get("pooling_size", [2, 2])[0],  # patches per LLM token side
+        temporal_patch_size=1,
+        mean=tuple(preprocessor.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(preprocessor.get("image_std", (0.5, 0.5, 0.5))),
+    )
+
+
 class Molmo2Torch(TorchFamily):
     architectures = ("Molmo2ForConditionalGeneration",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_token_id = self.config["image_patch_id"]  # <im_patch>: features are added to it
-        self._check_preprocessing()
-        self.layout = molmo2_layout.Layout.from_processor_config(self._read("processor_config.json"))
+        self.preprocessor = checked_preprocessor_config(self.model_dir)
+        processor = checkpoint_json(self.model_dir, "processor_config.json")
+        self.layout = molmo2_layout.Layout.from_processor_config(processor)
         self.vocab = molmo2_layout.image_vocab(self.tokenizer)
 
-    def _read(self, name: str) -> dict:
-        path = self.model_dir / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-    def _check_preprocessing(self) -> None:
-        preprocessor = self._read("preprocessor_config.json")
-        problems = [
-            f"{key}={preprocessor[key]!r} (supported: {value!r})"
-            for key, value in SUPPORTED_PREPROCESSING.items()
-            if key in preprocessor and preprocessor[key] != value
-        ]
-        if problems:
-            raise RuntimeInputError(
-                f"{self.model_dir}: unsupported Molmo2 preprocessing: {'; '.join(problems)}"
-            )
-
     def image_config(self) -> ImageConfig:
-        pre = self._read("preprocessor_config.json")
-        return ImageConfig(
-            patch_size=pre.get("patch_size", 14),
-            merge_size=pre.get("pooling_size", [2, 2])[0],  # patches per LLM token side
-            temporal_patch_size=1,
-            mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
-            std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
-        )
+        return molmo2_image_config(self.preprocessor)
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
         return molmo2_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes import mrope
 from runtimes.base import ImageConfig, Segment
-from runtimes.mrope import TokenizedPrompt, decode_positions, tokenize
+from runtimes.mrope import TokenizedPrompt
 from runtimes.torch_families import TorchFamily
 
 
@@ -19,7 +20,7 @@ class Qwen3VLTorch(TorchFamily):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_token_id = self.config["image_token_id"]
-        self.merge_size = self.config["vision_config"]["spatial_merge_size"]
+        self.layout = mrope.Layout(self.image_token_id, self.config["vision_config"]["spatial_merge_size"])
 
     def image_config(self) -> ImageConfig:
         from runtimes.torch_ref import checkpoint_image_config  # here: torch_ref imports this module
@@ -27,13 +28,7 @@ class Qwen3VLTorch(TorchFamily):
         return checkpoint_image_config(self.model_dir)
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
-        return tokenize(
-            self.tokenizer,
-            segments,
-            image_token_id=self.image_token_id,
-            merge_size=self.merge_size,
-            start_position=start_position,
-        )
+        return self.layout.tokenize(self.tokenizer, segments, start_position)
 
     def forward_inputs(self, prompt: TokenizedPrompt, past: int, history: Sequence[int]) -> dict[str, Any]:
         seq = torch.arange(past, past + len(prompt.token_ids))[None]
@@ -49,5 +44,5 @@ class Qwen3VLTorch(TorchFamily):
         return kwargs
 
     def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
-        rope = torch.from_numpy(decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
+        rope = torch.from_numpy(mrope.decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
         return torch.cat([torch.full((1, n, 1), length), rope], dim=0)  # [4, n, 1]

@@ -124,14 +124,7 @@ class TorchRefRuntime:
         prompt = self._tokenize(segments, 0)
         cache = DynamicCache()
         logits = self._forward(variant, prompt, cache, 0) if prompt.token_ids else None
-        return Prefix(
-            variant=variant,
-            token_ids=prompt.token_ids,
-            next_position=prompt.next_position,
-            computed_tokens=len(prompt.token_ids),
-            state=(cache, logits),
-            images=tuple(prompt.images),
-        )
+        return prompt.prefix(variant, (cache, logits))
 
     @torch.inference_mode()
     def generate(

@@ -6,9 +6,9 @@
       base/<role>.onnx       # the family's graphs, e.g. vision, embed, decoder
       perception/<role>.onnx # only the graphs the merged LoRA changes (typically the decoder)
 
-The family (export/onnx/<family>.py, picked by the checkpoint's `architectures`) says which graphs exist
-and how to build them; this driver exports them with the TorchScript exporter, merges the LoRA, and
-writes the manifest with every file's sha256.
+The family (export/onnx/<family>.py, picked by the checkpoint's `architectures`) says which graphs exist,
+how to build them, and what the manifest's `image`, `tokens` and `model` sections hold; this driver exports
+them with the TorchScript exporter, merges the LoRA, and writes the manifest with every file's sha256.
 
 --dtype fp16 casts the model before tracing, so the graphs are typed fp16 end to end (TensorRT 11 builds
 only strongly typed networks): every float input and output (pixel_values, interp_weights,
@@ -35,7 +35,6 @@ from export.onnx import molmo2, qwen3vl  # noqa: F401  (registers the families)
 from export.onnx.base import ONNX_FAMILIES, Graph, OnnxFamily
 from runtimes.base import RuntimeInputError
 from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
-from runtimes.torch_ref import checkpoint_image_config
 
 OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -56,7 +55,7 @@ def export_onnx(args: argparse.Namespace) -> Path:
         )
     if lora and not (lora / "adapter_config.json").is_file():
         raise RuntimeInputError(f"--perception-lora {lora}: not a PEFT adapter (no adapter_config.json)")
-    family = ONNX_FAMILIES[architecture](config)
+    family = ONNX_FAMILIES[architecture](config, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is rewritten
 
@@ -81,7 +80,7 @@ def export_onnx(args: argparse.Namespace) -> Path:
             architecture=architecture,
             source=str(model_dir),
             dtype=args.dtype,
-            image=checkpoint_image_config(model_dir),
+            image=family.image_config(),
             tokens={**family.tokens(), "eos_token_ids": _eos_ids(model_dir, config)},
             variants=variants,
             files=_checksums(out, variants),

@@ -1,21 +1,35 @@
-"""What an ONNX exporter must know of one model family, and the registry of families.
+"""What an ONNX exporter must know of one model family, the registry of families, and what they share.
 
 A family is one subclass filed under the Hugging Face `architectures` names it serves (the checkpoint's
 `config.json`), like llama.cpp's converter classes: adding Molmo2 is adding `export/onnx/molmo2.py` with a
 subclass and importing it in `export/onnx/__init__.py`. The format driver (`export/onnx/__init__.py`)
 writes files and the manifest; a family only says which graphs exist and how to build each.
+
+Every family is a transformers image-text-to-text model: a vision tower in front of `model.language_model`
++ `lm_head`, exported as the vision, embed and decoder graphs the ONNX runtime runs. So the text side lives
+here (the embed graph, the decoder's KV plumbing, causal mask and logits, its example inputs, the text
+sizes and parameter roles); a family adds its vision graph and its decoder's positions, extra input and
+layer loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+from torch import nn
+
+from runtimes.base import ImageConfig
 
 # HF architecture name -> family class; filled by OnnxFamily.__init_subclass__, nowhere else.
 ONNX_FAMILIES: dict[str, type[OnnxFamily]] = {}
+
+
+# The example sizes a decoder is traced with: distinct, so no axis is mistaken for another.
+BATCH, LENGTH, PAST = 2, 3, 4
 
 
 @dataclass
@@ -29,33 +43,159 @@ class Graph:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
+DecoderInput = tuple[torch.Tensor, dict[int, str]]  # an example input and its dynamic axes
+
+
 class OnnxFamily(ABC):
     architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries this family exports
-    roles: ClassVar[tuple[str, ...]]  # graph roles, in export order; each becomes `<variant>/<role>.onnx`
+    # graph roles, in export order; each becomes `<variant>/<role>.onnx`, built by the family's `<role>_graph`
+    roles: ClassVar[tuple[str, ...]] = ("vision", "embed", "decoder")
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        for required in ("architectures", "roles"):
-            if not hasattr(cls, required):
-                raise TypeError(f"ONNX family {cls.__name__} must define {required}")
+        if not hasattr(cls, "architectures"):
+            raise TypeError(f"ONNX family {cls.__name__} must define architectures")
         for architecture in cls.architectures:
             ONNX_FAMILIES[architecture] = cls
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, model_dir: Path) -> None:
         self.config = config  # the checkpoint's config.json
+        self.text = config["text_config"]
+        self.model_dir = model_dir  # the checkpoint, for the processor files next to config.json
 
-    @abstractmethod
-    def graph(self, model: torch.nn.Module, role: str) -> Graph:
+    def graph(self, model: nn.Module, role: str) -> Graph:
         """The wrapper module and example inputs of one role, for a loaded (eval, float) model."""
+        if role not in self.roles:
+            raise ValueError(f"unknown role {role!r}")
+        return getattr(self, f"{role}_graph")(model, next(model.parameters()).dtype)
 
     @abstractmethod
+    def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        """The vision tower (and projector) over pixels -> the features the image tokens get."""
+
+    def embed_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        """input_ids -> inputs_embeds with transformers' input embeddings: alike in every family."""
+        ids = torch.zeros((1, 5), dtype=torch.int64)
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
+        return Graph(
+            EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes
+        )
+
+    @abstractmethod
+    def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        """The family's TextDecoder with its positions and extra input, through `kv_decoder_graph`."""
+
+    def kv_decoder_graph(
+        self,
+        decoder: TextDecoder,
+        dtype: torch.dtype,
+        position_ids: DecoderInput,
+        extra: dict[str, DecoderInput],
+    ) -> Graph:
+        """A decoder graph: inputs_embeds, position_ids, attention_mask, the family's `extra` inputs and the
+        past KV per layer -> last-position logits and present KV per layer."""
+        sizes = self.sizes()
+        kv_shape = (BATCH, sizes["num_key_value_heads"], PAST, sizes["head_dim"])
+        past_names = [
+            f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")
+        ]
+        present_names = [name.replace("past_key_values", "present") for name in past_names]
+        named = {
+            "inputs_embeds": (
+                torch.randn(BATCH, LENGTH, sizes["hidden_size"], dtype=dtype),
+                {0: "batch", 1: "sequence"},
+            ),
+            "position_ids": position_ids,
+            "attention_mask": (torch.ones(BATCH, PAST + LENGTH, dtype=torch.int64), {0: "batch", 1: "total"}),
+            **extra,
+        }
+        inputs = (
+            *(tensor for tensor, _ in named.values()),
+            *(torch.randn(kv_shape, dtype=dtype) for _ in past_names),
+        )
+        axes = {name: dynamic for name, (_, dynamic) in named.items()} | {"logits": {0: "batch"}}
+        axes |= {name: {0: "batch", 2: "past"} for name in past_names}
+        axes |= {name: {0: "batch", 2: "total"} for name in present_names}
+        return Graph(decoder, inputs, [*named, *past_names], ["logits", *present_names], axes)
+
     def role_of(self, parameter: str) -> str:
-        """The role whose graph holds a state-dict entry; raises on a name it does not know."""
+        """The role whose graph holds a state-dict entry; raises on a name it does not know. A family adds
+        its vision tower's prefixes."""
+        if parameter.startswith("model.language_model.embed_tokens."):
+            return "embed"
+        if parameter.startswith(("model.language_model.", "lm_head.")):
+            return "decoder"
+        raise ValueError(f"parameter {parameter!r} belongs to no exported graph")
+
+    def sizes(self) -> dict:
+        """Model sizes the runtime needs to build its inputs; a family adds its own to these text sizes."""
+        text = self.text
+        return {
+            "num_layers": text["num_hidden_layers"],
+            "hidden_size": text["hidden_size"],
+            "num_attention_heads": text["num_attention_heads"],
+            "num_key_value_heads": text["num_key_value_heads"],
+            "head_dim": text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+            "vocab_size": text["vocab_size"],
+            "max_position_embeddings": text.get("max_position_embeddings", 32768),
+        }
 
     @abstractmethod
     def tokens(self) -> dict[str, int | list[int]]:
         """Token ids the runtime needs (image placeholder, eos, ...)."""
 
     @abstractmethod
-    def sizes(self) -> dict:
-        """Model sizes the runtime needs to build its inputs (layers, KV heads, head_dim, ...)."""
+    def image_config(self) -> ImageConfig:
+        """The manifest's `image` section: the preprocessing constants the engine's family prepares
+        images with (what the reference runtime reads from the same checkpoint)."""
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive attention mask: 0 where `allowed`, the dtype's lowest value elsewhere."""
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, H)
+        return self.embed(input_ids)
+
+
+class FlatCache:
+    """The one Cache method a decoder layer calls, over flat past tensors; collects the presents."""
+
+    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
+        self.past = past  # key0, value0, key1, value1, ...: (B, n_kv_heads, past, head_dim) each
+        self.present: list[torch.Tensor] = []
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        key = torch.cat([self.past[2 * layer_idx], key], dim=2)  # (B, n_kv_heads, past + S, head_dim)
+        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
+        self.present += [key, value]
+        return key, value
+
+
+class TextDecoder(nn.Module):
+    """transformers' text model + lm_head over inputs_embeds with the KV in and out as flat tensors.
+
+    A family's forward takes (inputs_embeds, position_ids, attention_mask, <its extra input>, *past),
+    runs the layers with its own rope and mask over a FlatCache, and ends in `logits_and_present`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.text = model.model.language_model
+        self.lm_head = model.lm_head
+
+    @staticmethod
+    def causal(length: int, total: int, device: torch.device) -> torch.Tensor:
+        """(S, total) bool: the chunk's S queries, after total - S cached tokens, see themselves and earlier."""
+        query_at = torch.arange(length, device=device) + (total - length)  # absolute positions
+        return torch.arange(total, device=device)[None, :] <= query_at[:, None]
+
+    def logits_and_present(self, hidden: torch.Tensor, cache: FlatCache) -> tuple[torch.Tensor, ...]:
+        logits = self.lm_head(self.text.norm(hidden[:, -1]))  # (B, vocab): only the last position is sampled
+        return (logits, *cache.present)

@@ -17,23 +17,27 @@ decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, pa
 The manifest's `model` section carries, besides the sizes, the checkpoint's processor switches
 (`processor`: image_use_col_tokens, use_single_crop_col_tokens, use_single_crop_start_token - the token
 layout runtimes/molmo2_layout.py builds) and its image preprocessing constants (`preprocessing`), which
-must be the ones the engine implements (the export refuses others, as the reference runtime does).
+must be the ones the engine implements (the export refuses others, as the reference runtime does). Its
+`image` section is the ImageConfig the reference runtime builds from the same constants.
 
 The class registers itself for "Molmo2ForConditionalGeneration"; `export/onnx/__init__.py` imports it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from export.onnx.base import Graph, OnnxFamily
-from export.onnx.qwen3vl import EmbedTokens, _FlatCache
-from runtimes.base import RuntimeInputError
-from runtimes.torch_molmo2 import SUPPORTED_PREPROCESSING
+from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
+from runtimes.base import ImageConfig
+from runtimes.torch_molmo2 import (
+    SUPPORTED_PREPROCESSING,
+    checked_preprocessor_config,
+    checkpoint_json,
+    molmo2_image_config,
+)
 
 CROP_PATCHES = 27 * 27  # patches per 378 px crop (14 px patches)
 PROCESSOR_SWITCHES = ("image_use_col_tokens", "use_single_crop_col_tokens", "use_single_crop_start_token")
@@ -66,18 +70,13 @@ class VisionCore(nn.Module):
         patches = flat[image_token_pooling.clamp(min=0)] * valid[..., None].to(flat.dtype)  # (T, 4, D*k)
         count = valid.sum(-1).clamp(min=1).to(flat.dtype)  # (T,)
         query = patches.sum(1, keepdim=True) / count[:, None, None]  # (T, 1, D*k): mean of valid patches
-        bias = torch.where(valid, 0.0, torch.finfo(flat.dtype).min).to(flat.dtype)[:, None, None, :]
+        bias = attention_bias(valid, flat.dtype)[:, None, None, :]
         pooled, _ = self.adapter.image_pooling_2d(query, patches, attention_mask=bias)  # (T, 1, D)
         return self.adapter.image_projector(pooled[:, 0])  # (T, H)
 
 
-class Decoder(nn.Module):
+class Decoder(TextDecoder):
     """Molmo2TextModel + lm_head over inputs_embeds with 1-D positions, the image block mask, KV in/out."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.text = model.model.language_model
-        self.lm_head = model.lm_head
 
     def forward(
         self,
@@ -87,15 +86,14 @@ class Decoder(nn.Module):
         token_types: torch.Tensor,  # (B, past + S) int64: 1 = image token (mm_token_type_ids)
         *past: torch.Tensor,  # 2 per layer: (B, n_kv_heads, past, head_dim)
     ) -> tuple[torch.Tensor, ...]:
-        cache = _FlatCache(past)
+        cache = FlatCache(past)
         hidden = inputs_embeds
-        length, total = inputs_embeds.shape[1], attention_mask.shape[1]
-        query_at = torch.arange(length, device=hidden.device) + (total - length)  # absolute positions
-        causal = torch.arange(total, device=hidden.device)[None, :] <= query_at[:, None]  # (S, total)
+        length = inputs_embeds.shape[1]
+        causal = self.causal(length, attention_mask.shape[1], hidden.device)  # (S, total)
         image = token_types == 1  # (B, total)
         both_image = image[:, -length:, None] & image[:, None, :]  # (B, S, total)
         allowed = (causal[None] | both_image) & attention_mask[:, None, :].bool()
-        mask = torch.where(allowed[:, None], 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        mask = attention_bias(allowed[:, None], hidden.dtype)
         rotary = {
             "scaled": self.text.rotary_emb(hidden, position_ids),
             "unscaled": self.text.rotary_emb_unscaled(hidden, position_ids),
@@ -104,104 +102,46 @@ class Decoder(nn.Module):
             hidden = layer(
                 hidden, position_embeddings=rotary[rope], attention_mask=mask, past_key_values=cache
             )
-        logits = self.lm_head(self.text.norm(hidden[:, -1]))  # (B, vocab)
-        return (logits, *cache.present)
+        return self.logits_and_present(hidden, cache)
 
 
 class Molmo2Onnx(OnnxFamily):
     architectures = ("Molmo2ForConditionalGeneration",)
-    roles = ("vision", "embed", "decoder")
 
-    def __init__(self, config: dict) -> None:
-        super().__init__(config)
-        self.text = config["text_config"]
-        self.checkpoint: Path | None = None  # known once a graph is built (see _read)
+    def __init__(self, config: dict, model_dir: Path) -> None:
+        super().__init__(config, model_dir)
+        # refused here, before the model is loaded: pixels the engine cannot prepare
+        self.preprocessor = checked_preprocessor_config(model_dir)
 
-    def _read(self, name: str) -> dict:
-        """A processor file of the checkpoint. The driver hands a family config.json only; the processor
-        files sit next to it, in the directory transformers loaded the model from."""
-        if self.checkpoint is None:
-            raise RuntimeError("Molmo2Onnx reads the checkpoint's processor files only after graph()")
-        path = self.checkpoint / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-    def _preprocessing(self) -> dict:
-        pre = self._read("preprocessor_config.json")
-        problems = [
-            f"{key}={pre[key]!r} (supported: {value!r})"
-            for key, value in SUPPORTED_PREPROCESSING.items()
-            if key in pre and pre[key] != value
-        ]
-        if problems:
-            raise RuntimeInputError(
-                f"{self.checkpoint}: unsupported Molmo2 preprocessing: {'; '.join(problems)}"
-            )
-        return {key: pre.get(key, SUPPORTED_PREPROCESSING.get(key)) for key in PREPROCESSING}
-
-    def graph(self, model: nn.Module, role: str) -> Graph:
-        self.checkpoint = Path(model.config.name_or_path)
-        self._preprocessing()  # refuse pixels the engine cannot prepare before any graph is traced
-        dtype = next(model.parameters()).dtype
-        if role == "vision":
-            # 3 crops and 5 tokens (one with padding slots): no count can be mistaken for another.
-            pixels = torch.randn(3, CROP_PATCHES, 14 * 14 * 3, dtype=dtype)
-            pooling = torch.tensor(
-                [[0, 1, 27, 28], [700, -1, 1500, -1], [2, 3, 29, 30], [5, 6, 7, 8], [9, -1, -1, -1]]
-            )
-            axes = {
-                "pixel_values": {0: "crops"},
-                "image_token_pooling": {0: "tokens"},
-                "image_features": {0: "tokens"},
-            }
-            names = ["pixel_values", "image_token_pooling"]
-            return Graph(VisionCore(model), (pixels, pooling), names, ["image_features"], axes)
-        if role == "embed":
-            ids = torch.zeros((1, 5), dtype=torch.int64)
-            axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
-            return Graph(
-                EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes
-            )
-        if role == "decoder":
-            return self._decoder_graph(model, dtype)
-        raise ValueError(f"unknown role {role!r}")
-
-    def _decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
-        sizes = self.sizes()
-        batch, length, past = 2, 3, 4  # distinct sizes, so no axis is mistaken for another when traced
-        kv_shape = (batch, sizes["num_key_value_heads"], past, sizes["head_dim"])
-        past_names = [
-            f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")
-        ]
-        present_names = [name.replace("past_key_values", "present") for name in past_names]
-        types = torch.zeros(batch, past + length, dtype=torch.int64)
-        types[:, 2:6] = 1  # image tokens on both sides of the cache boundary
-        inputs = (
-            torch.randn(batch, length, sizes["hidden_size"], dtype=dtype),
-            torch.arange(past, past + length).expand(batch, length).contiguous(),
-            torch.ones(batch, past + length, dtype=torch.int64),
-            types,
-            *(torch.randn(kv_shape, dtype=dtype) for _ in past_names),
+    def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        # 3 crops and 5 tokens (one with padding slots): no count can be mistaken for another.
+        pixels = torch.randn(3, CROP_PATCHES, 14 * 14 * 3, dtype=dtype)
+        pooling = torch.tensor(
+            [[0, 1, 27, 28], [700, -1, 1500, -1], [2, 3, 29, 30], [5, 6, 7, 8], [9, -1, -1, -1]]
         )
         axes = {
-            "inputs_embeds": {0: "batch", 1: "sequence"},
-            "position_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "total"},
-            "token_types": {0: "batch", 1: "total"},
-            "logits": {0: "batch"},
+            "pixel_values": {0: "crops"},
+            "image_token_pooling": {0: "tokens"},
+            "image_features": {0: "tokens"},
         }
-        axes |= {name: {0: "batch", 2: "past"} for name in past_names}
-        axes |= {name: {0: "batch", 2: "total"} for name in present_names}
-        names = ["inputs_embeds", "position_ids", "attention_mask", "token_types", *past_names]
-        return Graph(Decoder(model), inputs, names, ["logits", *present_names], axes)
+        names = ["pixel_values", "image_token_pooling"]
+        return Graph(VisionCore(model), (pixels, pooling), names, ["image_features"], axes)
+
+    def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+        positions = torch.arange(PAST, PAST + LENGTH).expand(BATCH, LENGTH).contiguous()
+        types = torch.zeros(BATCH, PAST + LENGTH, dtype=torch.int64)
+        types[:, 2:6] = 1  # image tokens on both sides of the cache boundary
+        return self.kv_decoder_graph(
+            Decoder(model),
+            dtype,
+            position_ids=(positions, {0: "batch", 1: "sequence"}),
+            extra={"token_types": (types, {0: "batch", 1: "total"})},
+        )
 
     def role_of(self, parameter: str) -> str:
         if parameter.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
             return "vision"
-        if parameter.startswith("model.language_model.embed_tokens."):
-            return "embed"
-        if parameter.startswith(("model.language_model.", "lm_head.")):
-            return "decoder"
-        raise ValueError(f"parameter {parameter!r} belongs to no exported graph")
+        return super().role_of(parameter)
 
     def tokens(self) -> dict[str, int | list[int]]:
         return {
@@ -212,17 +152,14 @@ class Molmo2Onnx(OnnxFamily):
         }
 
     def sizes(self) -> dict:
-        processor = self._read("processor_config.json")
+        processor = checkpoint_json(self.model_dir, "processor_config.json")
+        pre = self.preprocessor
         return {
-            "num_layers": self.text["num_hidden_layers"],
-            "hidden_size": self.text["hidden_size"],
-            "num_attention_heads": self.text["num_attention_heads"],
-            "num_key_value_heads": self.text["num_key_value_heads"],
-            "head_dim": self.text.get("head_dim")
-            or self.text["hidden_size"] // self.text["num_attention_heads"],
-            "vocab_size": self.text["vocab_size"],
-            "max_position_embeddings": self.text.get("max_position_embeddings", 32768),
+            **super().sizes(),
             # a switch left unset (None) means transformers' default, as in runtimes/molmo2_layout.py
             "processor": {key: processor.get(key) for key in PROCESSOR_SWITCHES},
-            "preprocessing": self._preprocessing(),
+            "preprocessing": {key: pre.get(key, SUPPORTED_PREPROCESSING.get(key)) for key in PREPROCESSING},
         }
+
+    def image_config(self) -> ImageConfig:
+        return molmo2_image_config(self.preprocessor)  # what the reference runtime gets from the checkpoint

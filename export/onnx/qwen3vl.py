@@ -19,11 +19,15 @@ decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, past+S
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
-from export.onnx.base import Graph, OnnxFamily
+from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
+from runtimes.base import ImageConfig
+from runtimes.torch_ref import checkpoint_image_config
 
 
 class VisionCore(nn.Module):
@@ -47,7 +51,7 @@ class VisionCore(nn.Module):
         hidden = hidden + positions
         cos, sin = visual.rotary_pos_emb(hidden, rotary_pos_ids)  # (N, head_dim) each
         same_frame = frame_ids[:, None] == frame_ids[None, :]  # (N, N)
-        bias = torch.where(same_frame, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        bias = attention_bias(same_frame, hidden.dtype)
         deepstack = []
         for index, block in enumerate(visual.blocks):
             hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
@@ -71,36 +75,8 @@ class VisionCore(nn.Module):
         return attn.proj(out)
 
 
-class EmbedTokens(nn.Module):
-    def __init__(self, embed: nn.Embedding) -> None:
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, H)
-        return self.embed(input_ids)
-
-
-class _FlatCache:
-    """The one Cache method a decoder layer calls, over flat past tensors; collects the presents."""
-
-    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
-        self.past = past  # key0, value0, key1, value1, ...: (B, n_kv_heads, past, head_dim) each
-        self.present: list[torch.Tensor] = []
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        key = torch.cat([self.past[2 * layer_idx], key], dim=2)  # (B, n_kv_heads, past + S, head_dim)
-        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
-        self.present += [key, value]
-        return key, value
-
-
-class Decoder(nn.Module):
+class Decoder(TextDecoder):
     """Qwen3VLTextModel + lm_head over inputs_embeds with explicit M-RoPE positions and KV in/out."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.text = model.model.language_model
-        self.lm_head = model.lm_head
 
     def forward(
         self,
@@ -110,46 +86,27 @@ class Decoder(nn.Module):
         deepstack_embeds: torch.Tensor,  # (n_deep, B, S, H): added after layer i; zeros off image tokens
         *past: torch.Tensor,  # 2 per layer: (B, n_kv_heads, past, head_dim)
     ) -> tuple[torch.Tensor, ...]:
-        cache = _FlatCache(past)
+        cache = FlatCache(past)
         hidden = inputs_embeds
-        length, total = inputs_embeds.shape[1], attention_mask.shape[1]
-        query_at = torch.arange(length, device=hidden.device) + (total - length)  # absolute positions
-        causal = torch.arange(total, device=hidden.device)[None, :] <= query_at[:, None]  # (S, total)
+        causal = self.causal(inputs_embeds.shape[1], attention_mask.shape[1], hidden.device)  # (S, total)
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, total)
-        mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        mask = attention_bias(allowed, hidden.dtype)
         rotary = self.text.rotary_emb(hidden, position_ids)  # cos, sin: (B, S, head_dim)
         for index, layer in enumerate(self.text.layers):
             hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
             if index < deepstack_embeds.shape[0]:
                 hidden = hidden + deepstack_embeds[index]
-        logits = self.lm_head(self.text.norm(hidden[:, -1]))  # (B, vocab)
-        return (logits, *cache.present)
+        return self.logits_and_present(hidden, cache)
 
 
 class Qwen3VLOnnx(OnnxFamily):
     architectures = ("Qwen3VLForConditionalGeneration",)
-    roles = ("vision", "embed", "decoder")
 
-    def __init__(self, config: dict) -> None:
-        super().__init__(config)
-        self.text = config["text_config"]
+    def __init__(self, config: dict, model_dir: Path) -> None:
+        super().__init__(config, model_dir)
         self.vision = config["vision_config"]
 
-    def graph(self, model: nn.Module, role: str) -> Graph:
-        dtype = next(model.parameters()).dtype
-        if role == "vision":
-            return self._vision_graph(model, dtype)
-        if role == "embed":
-            ids = torch.zeros((1, 5), dtype=torch.int64)
-            axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
-            return Graph(
-                EmbedTokens(model.get_input_embeddings()), (ids,), ["input_ids"], ["inputs_embeds"], axes
-            )
-        if role == "decoder":
-            return self._decoder_graph(model, dtype)
-        raise ValueError(f"unknown role {role!r}")
-
-    def _vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+    def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         from runtimes.qwen3vl_vision import qwen_vision_tables
 
         # Two images of different non-square grids: nothing about one size can be baked into the trace.
@@ -179,42 +136,19 @@ class Qwen3VLOnnx(OnnxFamily):
             VisionCore(model.model.visual), inputs, names, ["image_embeds", "deepstack_features"], axes
         )
 
-    def _decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
+    def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         sizes = self.sizes()
-        batch, length, past = 2, 3, 4  # distinct sizes, so no axis is mistaken for another when traced
-        hidden = sizes["hidden_size"]
-        kv_shape = (batch, sizes["num_key_value_heads"], past, sizes["head_dim"])
-        past_names = [
-            f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")
-        ]
-        present_names = [name.replace("past_key_values", "present") for name in past_names]
-        inputs = (
-            torch.randn(batch, length, hidden, dtype=dtype),
-            torch.arange(past, past + length).expand(3, batch, length).contiguous(),
-            torch.ones(batch, past + length, dtype=torch.int64),
-            torch.zeros(sizes["num_deepstack"], batch, length, hidden, dtype=dtype),
-            *(torch.randn(kv_shape, dtype=dtype) for _ in past_names),
+        positions = torch.arange(PAST, PAST + LENGTH).expand(3, BATCH, LENGTH).contiguous()
+        deepstack = torch.zeros(sizes["num_deepstack"], BATCH, LENGTH, sizes["hidden_size"], dtype=dtype)
+        return self.kv_decoder_graph(
+            Decoder(model),
+            dtype,
+            position_ids=(positions, {1: "batch", 2: "sequence"}),
+            extra={"deepstack_embeds": (deepstack, {1: "batch", 2: "sequence"})},
         )
-        axes = {
-            "inputs_embeds": {0: "batch", 1: "sequence"},
-            "position_ids": {1: "batch", 2: "sequence"},
-            "attention_mask": {0: "batch", 1: "total"},
-            "deepstack_embeds": {1: "batch", 2: "sequence"},
-            "logits": {0: "batch"},
-        }
-        axes |= {name: {0: "batch", 2: "past"} for name in past_names}
-        axes |= {name: {0: "batch", 2: "total"} for name in present_names}
-        names = ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds", *past_names]
-        return Graph(Decoder(model), inputs, names, ["logits", *present_names], axes)
 
     def role_of(self, parameter: str) -> str:
-        if parameter.startswith("model.visual."):
-            return "vision"
-        if parameter.startswith("model.language_model.embed_tokens."):
-            return "embed"
-        if parameter.startswith(("model.language_model.", "lm_head.")):
-            return "decoder"
-        raise ValueError(f"parameter {parameter!r} belongs to no exported graph")
+        return "vision" if parameter.startswith("model.visual.") else super().role_of(parameter)
 
     def tokens(self) -> dict[str, int | list[int]]:
         return {
@@ -225,15 +159,11 @@ class Qwen3VLOnnx(OnnxFamily):
 
     def sizes(self) -> dict:
         return {
-            "num_layers": self.text["num_hidden_layers"],
-            "hidden_size": self.text["hidden_size"],
-            "num_attention_heads": self.text["num_attention_heads"],
-            "num_key_value_heads": self.text["num_key_value_heads"],
-            "head_dim": self.text.get("head_dim")
-            or self.text["hidden_size"] // self.text["num_attention_heads"],
-            "vocab_size": self.text["vocab_size"],
-            "max_position_embeddings": self.text.get("max_position_embeddings", 32768),
+            **super().sizes(),
             "num_deepstack": len(self.vision.get("deepstack_visual_indexes", [])),
             "num_grid_per_side": int(round(self.vision["num_position_embeddings"] ** 0.5)),
             "spatial_merge_size": self.vision["spatial_merge_size"],
         }
+
+    def image_config(self) -> ImageConfig:
+        return checkpoint_image_config(self.model_dir)  # preprocessor_config.json, as the reference reads it

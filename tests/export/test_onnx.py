@@ -15,22 +15,15 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from PIL import Image as PILImage  # noqa: E402
 
 from export.onnx import export_onnx, gather_external_data  # noqa: E402
 from runtimes.base import RuntimeInputError  # noqa: E402
 from runtimes.bundle import read_manifest, sha256_file, verify  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime, checkpoint_image_config  # noqa: E402
+from tests.pictures import picture  # noqa: E402
 
 ATOL = 2e-5
-
-
-def picture(width: int, height: int, seed: int = 0) -> PILImage.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

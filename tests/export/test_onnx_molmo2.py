@@ -127,6 +127,7 @@ def test_the_manifest_describes_a_molmo2_bundle(bundle, runtime):
     assert manifest.tokens["image_token_id"] == config["image_patch_id"]
     assert manifest.tokens["eos_token_ids"] == runtime.eos_ids
     assert manifest.image.patch_size == 14 and manifest.image.mean == manifest.image.std == (0.5,) * 3
+    assert manifest.image == runtime.info.image  # Molmo2's own ImageConfig (temporal_patch_size 1)
     model = manifest.model
     assert model["num_layers"] == config["text_config"]["num_hidden_layers"]
     # the switches the runtime lays image tokens out by, and the preprocessing the engine implements

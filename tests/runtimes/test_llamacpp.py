@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
 
@@ -20,6 +19,7 @@ from engine.spec import validate  # noqa: E402
 from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
+from tests.pictures import picture
 
 TEXT_ATOL = 1e-4
 IMAGE_ATOL = 5e-3
@@ -42,13 +42,6 @@ def reference(tiny_qwen3vl, tiny_qwen3vl_gguf):
 @pytest.fixture(scope="module")
 def family(llama):
     return family_for(llama.info.architecture, llama.info.image)
-
-
-def picture(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 def last_logits(prefix):

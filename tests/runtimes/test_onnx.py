@@ -21,7 +21,6 @@ import yaml
 pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from PIL import Image as PILImage  # noqa: E402
 
 from engine.cli import main  # noqa: E402
 from engine.errors import UserError  # noqa: E402
@@ -33,17 +32,11 @@ from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.bundle import read_manifest, write_manifest  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
+from tests.pictures import picture  # noqa: E402
 
 ATOL = 2e-5
 NEW_TOKENS = 24  # greedy tokens compared per sequence (the brief asks for at least 16)
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def picture(width: int, height: int, seed: int = 0) -> PILImage.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import pytest
 pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from PIL import Image as PILImage  # noqa: E402
 
 from engine.families import family_for  # noqa: E402
 from engine.families.molmo2 import Molmo2Family  # noqa: E402
@@ -30,16 +29,10 @@ from runtimes.base import Sampling, Text  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.onnx_session import DecoderSession  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
+from tests.pictures import picture  # noqa: E402
 
 ATOL = 2e-5
 NEW_TOKENS = 16  # greedy tokens compared per sequence
-
-
-def picture(width: int, height: int, seed: int = 0) -> PILImage.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 from transformers import AutoModelForImageTextToText
 
 from engine.families import family_for
 from runtimes.base import RuntimeInputError, Sampling, Text
 from runtimes.mrope import tokenize
 from runtimes.torch_ref import TorchRefRuntime
+from tests.pictures import picture
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,6 @@ def runtime(tiny_qwen3vl):
 @pytest.fixture(scope="module")
 def family(runtime):
     return family_for(runtime.info.architecture, runtime.info.image)
-
-
-def picture(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 def hf_inputs(runtime, segments):

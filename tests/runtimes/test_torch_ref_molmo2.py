@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 from transformers import AutoModelForImageTextToText, Qwen2TokenizerFast
 
 from engine.boxes import Box
@@ -19,6 +18,7 @@ from engine.pipeline import Pipeline
 from engine.spec import validate
 from runtimes.base import Sampling
 from runtimes.torch_ref import TorchRefRuntime
+from tests.pictures import picture
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,6 @@ def family(runtime):
 @pytest.fixture(scope="module")
 def hf_model(runtime):
     return AutoModelForImageTextToText.from_pretrained(runtime.model_dir, dtype=torch.float32).eval()
-
-
-def picture(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
-    return PILImage.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 def hf_inputs(runtime, segments):
