@@ -229,9 +229,8 @@ def validate(raw: dict) -> Spec:
         raw_stages = []
     for index, item in enumerate(raw_stages):
         if not isinstance(item, dict) or len(item) != 1:
-            problems.append(
-                f"stages.{index}: must be a mapping with one stage name, e.g. '- reason: {{...}}'"
-            )
+            got = f"keys {', '.join(map(str, item))}" if isinstance(item, dict) else repr(item)
+            problems.append(f"stages.{index}: one stage per list item, e.g. '- reason: {{...}}' (got {got})")
             continue
         ((name, options),) = item.items()
         if name not in STAGE_SPECS:

@@ -97,7 +97,11 @@ def test_all_problems_reported_at_once():
         ([{"perceive": {}}, {"fuse": {}}], "stages: the last stage must be 'reason'"),
         ([{"reason": {}}, {"reason": {}}], "stages: 'reason' appears 2 times"),
         ([], "stages: must be a non-empty list"),
-        ([{"perceive": {}, "fuse": {}}], "stages.0: must be a mapping with one stage name"),
+        (
+            [{"perceive": {}, "fuse": {}}],
+            "stages.0: one stage per list item, e.g. '- reason: {...}' (got keys perceive, fuse)",
+        ),
+        (["reason"], "stages.0: one stage per list item, e.g. '- reason: {...}' (got 'reason')"),
     ],
 )
 def test_stage_order_is_checked(stages, expected):
