@@ -28,6 +28,14 @@ from engine.boxes import Box, boxes_to_array, pairwise_iou
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 
 
+# WBF computes in float32: a side thinner than this (far below a pixel of any image) collapses to zero there.
+MIN_SIDE = 1e-6
+
+
+def fusable(box: Box) -> bool:
+    return box.width > MIN_SIDE and box.height > MIN_SIDE
+
+
 @dataclass(frozen=True)
 class Region:
     box: Box  # normalized; label is the most common label among the boxes that voted for it
@@ -57,7 +65,7 @@ def fuse_rollouts(
         raise ValueError(f"max_regions must be >= 0 or None, got {max_regions}")
 
     # WBF warns about (and skips) zero-area boxes; drop them quietly here, they carry no region.
-    kept = [[b for b in boxes if b.area > 0] for boxes in rollouts]
+    kept = [[b for b in boxes if fusable(b)] for boxes in rollouts]
     if not any(kept):
         return []
 

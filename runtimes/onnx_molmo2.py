@@ -3,7 +3,7 @@ ADDED to the <im_patch> embeddings, and the decoder's `token_types` input (1 = i
 
 The decoder graph (export/onnx/molmo2.py) lets the image tokens of a chunk attend to every image token of
 the whole sequence so far, in both directions, reading `token_types` over past + chunk - what transformers
-does with `mm_token_type_ids` by absolute position (runtimes/torch_molmo2.py). So a chunk holding several
+does with `mm_token_type_ids` by absolute position (runtimes/torch_ref/molmo2.py). So a chunk holding several
 images (a global view prefilled together with the reason stage's crops) is one bidirectional block, and a
 chunk on top of a cached prefix sees the cached image tokens as the reference runtime does.
 """

@@ -32,7 +32,7 @@ from torch import nn
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
 from runtimes.base import ImageConfig
-from runtimes.torch_molmo2 import (
+from runtimes.torch_ref.molmo2 import (
     SUPPORTED_PREPROCESSING,
     checked_preprocessor_config,
     checkpoint_json,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.boxes import Box
-from engine.fusion import CONF_TYPES, Region, fuse_rollouts
+from engine.fusion import CONF_TYPES, Region, fusable, fuse_rollouts
 
 CAT = Box(0.2, 0.3, 0.5, 0.6, "cat")
 DOG = Box(0.6, 0.1, 0.9, 0.4, "dog")
@@ -120,7 +120,7 @@ random_boxes = st.builds(Box.from_corners, unit, unit, unit, unit, st.sampled_fr
 def test_fuzz_regions_are_valid_and_sorted(rollouts, iou_thr, min_agreement, conf_type):
     regions = fuse_strictly(rollouts, iou_thr=iou_thr, min_agreement=min_agreement, conf_type=conf_type)
     n = len(rollouts)
-    n_boxes = sum(b.area > 0 for boxes in rollouts for b in boxes)
+    n_boxes = sum(fusable(b) for boxes in rollouts for b in boxes)
     assert len(regions) <= n_boxes
     for region in regions:
         assert min_agreement <= region.score <= 1.0
@@ -130,3 +130,8 @@ def test_fuzz_regions_are_valid_and_sorted(rollouts, iou_thr, min_agreement, con
     assert keys == sorted(keys)
     if min_agreement == 0.0 and n_boxes:
         assert regions  # every box votes for some region
+
+
+def test_boxes_thinner_than_float32_resolution_are_not_fused():
+    sliver = Box(0.0, 0.0, 1e-149, 1.0)
+    assert fuse_rollouts([[sliver, sliver]]) == []

@@ -21,7 +21,7 @@ import torch
 from runtimes import molmo2_layout
 from runtimes.base import ImageConfig, RuntimeInputError, Segment
 from runtimes.mrope import TokenizedPrompt
-from runtimes.torch_families import TorchFamily
+from runtimes.torch_ref.families import TorchFamily
 
 # Preprocessing the engine implements (engine/imaging_molmo2.py); a checkpoint asking for other values
 # is refused rather than fed pixels it was not trained on.

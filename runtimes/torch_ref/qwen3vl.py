@@ -11,7 +11,8 @@ import torch
 from runtimes import mrope
 from runtimes.base import ImageConfig, Segment
 from runtimes.mrope import TokenizedPrompt
-from runtimes.torch_families import TorchFamily
+from runtimes.torch_ref.checkpoint import checkpoint_image_config
+from runtimes.torch_ref.families import TorchFamily
 
 
 class Qwen3VLTorch(TorchFamily):
@@ -23,8 +24,6 @@ class Qwen3VLTorch(TorchFamily):
         self.layout = mrope.Layout(self.image_token_id, self.config["vision_config"]["spatial_merge_size"])
 
     def image_config(self) -> ImageConfig:
-        from runtimes.torch_ref import checkpoint_image_config  # here: torch_ref imports this module
-
         return checkpoint_image_config(self.model_dir)
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:

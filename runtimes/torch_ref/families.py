@@ -1,6 +1,6 @@
 """The per-architecture pieces of the transformers reference runtime, and their registry.
 
-The runtime itself (runtimes/torch_ref.py) owns what every family shares: the KV cache, prefix forks,
+The runtime itself (runtimes/torch_ref/runtime.py) owns what every family shares: the KV cache, prefix forks,
 batched decoding. A `TorchFamily` owns what differs between Hugging Face architectures: how a prompt of
 segments becomes token ids and rope positions, which keyword arguments carry the pixels into the HF
 forward, and the position ids of a decoding step. A family registers itself for the HF `architectures`

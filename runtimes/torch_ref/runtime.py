@@ -9,7 +9,6 @@ layout, rope positions, pixel kwargs) sits in a `TorchFamily` picked by config.j
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,34 +19,15 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText, DynamicCache
 from transformers.utils import logging as transformers_logging
 
-from runtimes.base import Generation, ImageConfig, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
+from runtimes.base import Generation, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.decoding import decode
 from runtimes.mrope import TokenizedPrompt
-from runtimes.torch_families import torch_family_for
-
-# The families register themselves on import.
-from runtimes import torch_molmo2, torch_qwen3vl  # noqa: E402, F401  isort: skip
+from runtimes.torch_ref.checkpoint import read_json
+from runtimes.torch_ref.families import torch_family_for
 
 # a CLI user wants the answer, not weight-loading progress bars and fallback notices
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def checkpoint_image_config(model_dir: Path) -> ImageConfig:
-    pre = _read_json(model_dir / "preprocessor_config.json")
-    size = pre.get("size") or {}
-    return ImageConfig(
-        patch_size=pre.get("patch_size", 16),
-        merge_size=pre.get("merge_size", 2),
-        temporal_patch_size=pre.get("temporal_patch_size", 2),
-        mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
-        std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
-        max_pixels=size.get("longest_edge", pre.get("max_pixels", 16_777_216)),
-    )
 
 
 def pick_device(device: str) -> str:
@@ -63,7 +43,7 @@ class TorchRefRuntime:
         self, model_dir: str | Path, device: str = "auto", perception_lora: str | Path | None = None
     ):
         self.model_dir = Path(model_dir)
-        config = _read_json(self.model_dir / "config.json")
+        config = read_json(self.model_dir / "config.json")
         if not config:
             raise RuntimeInputError(f"{self.model_dir}: not a Hugging Face checkpoint (no config.json)")
         self.device = pick_device(device)
@@ -82,7 +62,7 @@ class TorchRefRuntime:
         self._models: dict[str, torch.nn.Module] = {}
 
     def _eos_ids(self, config: dict) -> list[int]:
-        eos = _read_json(self.model_dir / "generation_config.json").get("eos_token_id")
+        eos = read_json(self.model_dir / "generation_config.json").get("eos_token_id")
         eos = eos if eos is not None else config.get("text_config", {}).get("eos_token_id")
         return sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
 
