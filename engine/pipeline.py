@@ -44,7 +44,9 @@ class Context:
 
 
 def open_pipeline(spec: Spec) -> Pipeline:
-    options = {"perception_lora": spec.model.perception_lora} if spec.model.perception_lora else {}
+    options = dict(spec.model.options)
+    if spec.model.perception_lora:
+        options["perception_lora"] = spec.model.perception_lora
     return Pipeline(spec, open_runtime(spec.model.runtime, spec.model.bundle, spec.model.device, **options))
 
 

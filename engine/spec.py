@@ -57,6 +57,9 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     perception_lora: str | None = None  # torch_ref only: a PEFT adapter merged into the 'perception' variant
     prefix_cache: int = Field(4, ge=0, le=64)  # prefixes (image KV) kept for reuse across stages and queries
+    # runtime-specific constructor options, checked against the runtime when it opens,
+    # e.g. llamacpp: {n_ctx: 16384, prefix_slots: 16, max_rollouts: 64, n_threads: 4}
+    options: dict[str, int | float | bool | str] = {}
 
     @model_validator(mode="after")
     def _lora_only_for_torch_ref(self) -> ModelSpec:

@@ -6,6 +6,7 @@ The registry names each runtime's module lazily, so opening an ONNX bundle never
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from runtimes.base import Runtime, RuntimeInputError
@@ -31,4 +32,12 @@ def open_runtime(name: str, bundle: str | Path, device: str = "auto", **options:
         ) from error
     if not Path(bundle).exists():
         raise RuntimeInputError(f"model.bundle {str(bundle)!r} does not exist")
-    return getattr(module, class_name)(bundle, device=device, **options)
+    runtime_class = getattr(module, class_name)
+    # the first parameter is the bundle; the rest but device are the runtime's own options
+    accepted = [p for p in list(inspect.signature(runtime_class).parameters)[1:] if p != "device"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise RuntimeInputError(
+            f"runtime {name!r} takes no option {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})"
+        )
+    return runtime_class(bundle, device=device, **options)

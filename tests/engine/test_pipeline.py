@@ -147,3 +147,14 @@ def test_reference_runtime_reuse_changes_only_the_accounting(tiny_qwen3vl, image
     assert reused.stages[0].reused_tokens > 0 and reused.stages[3].reused_tokens > 0
     total = [s.prompt_tokens + s.reused_tokens for s in reused.stages]
     assert total == [s.prompt_tokens for s in naive.stages]
+
+
+def test_runtime_options_are_checked_against_the_runtime(tiny_qwen3vl):
+    from engine.pipeline import open_pipeline
+    from runtimes.base import RuntimeInputError
+
+    raw = {"model": {"bundle": str(tiny_qwen3vl), "options": {"n_ctx": 4096}}, "stages": [{"reason": {}}]}
+    with pytest.raises(
+        RuntimeInputError, match="runtime 'torch_ref' takes no option n_ctx .it takes: perception_lora"
+    ):
+        open_pipeline(validate(raw))
