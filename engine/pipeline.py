@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image as PILImage
 
@@ -105,8 +105,7 @@ class Pipeline:
             generations, fresh_tokens = [], 0
             for seed_index in range(n):
                 prefix = self.runtime.prefill(prefix_segments, variant)
-                seeds = sampling.seeds[seed_index : seed_index + 1]
-                one = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, seeds)
+                one = replace(sampling, seeds=sampling.seeds[seed_index : seed_index + 1])
                 generations += self.runtime.generate(prefix, suffix, 1, one)
                 fresh_tokens += prefix.computed_tokens
         trace.prompt_tokens += fresh_tokens + sum(g.prompt_tokens for g in generations)
