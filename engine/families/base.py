@@ -22,7 +22,8 @@ class Family(ABC):
     chat_header: ClassVar[str] = "<|im_start|>user\n"  # opens the user turn, before the image
     turn_end: ClassVar[str] = "<|im_end|>\n<|im_start|>assistant\n"  # closes it and opens the answer
     crops_intro: ClassVar[str] = (
-        "The first image is the whole scene.\nClose-up crops of the regions relevant to the question:\n"
+        "The first image is the whole scene; the others are close-up crops of the regions relevant to the "
+        "question.\n"
     )
     # True when image tokens attend to each other across images (bidirectionally): then every image of a
     # prompt must be prefilled in one chunk, so images in a suffix (crops) join the prefix instead.

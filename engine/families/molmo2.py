@@ -12,12 +12,14 @@ one `Image` segment. Images come before the text of the user turn, as in Molmo2'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PIL import Image as PILImage
 
 from engine.families.base import Family
 from engine.grounding import Grounding, parse_molmo_points
 from engine.imaging_molmo2 import MAX_CROPS, prepare_molmo2_image
-from runtimes.base import ImageInput
+from runtimes.base import Image, ImageInput, Segment, Text
 from runtimes.molmo2_layout import n_image_tokens
 
 BOS = "<|im_end|>"
@@ -58,6 +60,12 @@ class Molmo2Family(Family):
                 "image_token_pooling": pixels.image_token_pooling,  # (features, 4) patch indices, -1 pads
             },
         )
+
+    def question_suffix(self, text: str, crops: Sequence[ImageInput] = ()) -> list[Segment]:
+        """Crops right after the view, then the words: Molmo2's template puts a turn's images before its
+        text, and one unbroken run of images is one bidirectional block any runtime can prefill at once."""
+        intro = self.crops_intro if crops else ""
+        return [*(Image(crop) for crop in crops), Text(intro + text + self.turn_end)]
 
     def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
         return parse_molmo_points(text, point_box_size=point_box_size)
