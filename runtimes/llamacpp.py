@@ -28,6 +28,10 @@ evicted entries). More live prefixes than slots is refused with a clear error; k
 `model.prefix_cache` below `prefix_slots`. The KV cache (`n_ctx`, default 16384 tokens) is shared by all
 sequences: prefixes plus n x (suffix + generated) tokens of the running call must fit.
 
+An architecture libmtmd cannot run brings a hook (FAMILY_HOOKS, keyed by the manifest's architecture) that
+decodes prompt chunks itself: Molmo2's hybrid bundles compute image embeddings with ONNX graphs and decode
+the image blocks non-causally (runtimes/llamacpp_molmo2.py). Sequences, forks and batched rollouts stay here.
+
 This module must not import torch or transformers: it is the run path on devices.
 """
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import os
 import sys
 import time
@@ -42,6 +47,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -63,6 +69,8 @@ from runtimes.bundle import Manifest, read_manifest, verify
 from runtimes.decoding import decode
 
 GGML_LOG_LEVEL_ERROR = 4
+# HF architecture -> module whose `hook(runtime, device)` replaces libmtmd for that architecture's images
+FAMILY_HOOKS = {"Molmo2ForConditionalGeneration": "runtimes.llamacpp_molmo2"}
 
 
 @llama_cpp.llama_log_callback
@@ -126,7 +134,7 @@ class _PrefixState:
 class _VariantModel:
     """One weights variant: its llama model, its many-sequence context and its libmtmd context."""
 
-    def __init__(self, text: Path, mmproj: Path, image: ImageConfig, options: dict) -> None:
+    def __init__(self, text: Path, mmproj: Path | None, image: ImageConfig, options: dict) -> None:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = options["n_gpu_layers"]
         self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), model_params)
@@ -136,6 +144,8 @@ class _VariantModel:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = options["n_ctx"]
         params.n_batch = options["n_batch"]  # tokens per llama_decode call (llama.cpp splits it in ubatches)
+        if options.get("n_ubatch"):  # a family that decodes whole non-causal blocks needs them in one ubatch
+            params.n_ubatch = options["n_ubatch"]
         params.n_seq_max = self.prefix_slots + self.max_rollouts
         params.kv_unified = True  # one KV buffer: forked sequences share the prefix's cells
         params.n_threads = params.n_threads_batch = options["n_threads"]
@@ -155,7 +165,15 @@ class _VariantModel:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_batch = options["n_batch"]
+        self.images: Any = None  # a family hook's per-variant image state (Molmo2: its ONNX sessions)
+        self.mtmd = None
+        if mmproj is not None:
+            self._init_mtmd(mmproj, image, options)
+        self.free_prefixes = list(range(self.prefix_slots))
+        self.working = list(range(self.prefix_slots, self.prefix_slots + self.max_rollouts))
+        self.closed = False
 
+    def _init_mtmd(self, mmproj: Path, image: ImageConfig, options: dict) -> None:
         mparams = mtmd.mtmd_context_params_default()
         mparams.use_gpu = options["n_gpu_layers"] != 0
         mparams.n_threads = options["n_threads"]
@@ -171,9 +189,6 @@ class _VariantModel:
             llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self.model)
             raise RuntimeInputError(f"libmtmd could not load the vision projector {mmproj}")
-        self.free_prefixes = list(range(self.prefix_slots))
-        self.working = list(range(self.prefix_slots, self.prefix_slots + self.max_rollouts))
-        self.closed = False
 
     def lease_prefix_sequence(self) -> _SequenceLease:
         if not self.free_prefixes:
@@ -196,7 +211,8 @@ class _VariantModel:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            mtmd.mtmd_free(self.mtmd)
+            if self.mtmd is not None:
+                mtmd.mtmd_free(self.mtmd)
             llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self.model)
 
@@ -248,6 +264,9 @@ class LlamaCppRuntime:
             max_context=min(n_ctx, max_positions),
         )
         self._models: dict[str, _VariantModel] = {}
+        # an architecture without a libmtmd projector brings its own image path (FAMILY_HOOKS)
+        hook = FAMILY_HOOKS.get(self.manifest.architecture)
+        self.hook = importlib.import_module(hook).hook(self, device) if hook else None
 
     @staticmethod
     def _gpu_layers(device: str) -> int:
@@ -266,8 +285,13 @@ class LlamaCppRuntime:
             )
         if variant not in self._models:
             text = self.bundle / self.manifest.file(variant, "text")
-            mmproj = self.bundle / self.manifest.file(variant, "mmproj")
-            self._models[variant] = _VariantModel(text, mmproj, self.info.image, self.options)
+            if self.hook is not None:
+                model = _VariantModel(text, None, self.info.image, self.options)
+                model.images = self.hook.open(variant)
+                self._models[variant] = model
+            else:
+                mmproj = self.bundle / self.manifest.file(variant, "mmproj")
+                self._models[variant] = _VariantModel(text, mmproj, self.info.image, self.options)
         return self._models[variant]
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -342,6 +366,8 @@ class LlamaCppRuntime:
         self, model: _VariantModel, segments: Sequence[Segment], seq_id: int, position: int
     ) -> tuple[list[int], int, np.ndarray | None]:
         """Decode segments on `seq_id` from rope `position`: (token ids, next position, last logits or None)."""
+        if self.hook is not None:
+            return self.hook.eval(model, segments, seq_id, position)
         runs: list[list[int] | ImageInput] = []  # consecutive text is decoded as one run
         ids: list[int] = []
         for segment in segments:

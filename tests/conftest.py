@@ -72,6 +72,19 @@ def tiny_qwen3vl_gguf(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFacto
     return bundle
 
 
+@pytest.fixture(scope="session")
+def tiny_molmo2_gguf(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Molmo2 exported once to an f32 hybrid GGUF bundle (text GGUF + ONNX vision and embed
+    graphs); skips without llama-cpp-python."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
+    from engine.cli import main
+
+    bundle = tmp_path_factory.mktemp("molmo2-gguf") / "bundle"
+    args = ["export", "gguf", "--model", str(tiny_molmo2), "--out", str(bundle), "--quant", "f32"]
+    assert main(args) == 0
+    return bundle
+
+
 class ScriptedRuntime:
     """Answers from a script instead of a model, and counts tokens like a real runtime would.
 

@@ -30,6 +30,10 @@ converter file is edited) and records the fallback in the manifest's tools.
 
 The mmproj is kept in f16 (f32 with --quant f32) whatever the text quant: it is small, and quantizing
 the vision tower costs grounding accuracy first.
+
+Molmo2 has no llama.cpp converter or libmtmd projector: its bundle is a hybrid (export/gguf/molmo2.py), the
+text decoder written directly as a `qwen3` GGUF and the vision and embed graphs as ONNX; a checkpoint
+whose text decoder is not plain Qwen3 is refused, and so is --perception-lora for now.
 """
 
 from __future__ import annotations
@@ -44,18 +48,13 @@ from importlib import metadata
 from pathlib import Path
 
 from engine.errors import UserError
+from export.gguf import molmo2
 from export.gguf.converter import find_converter, llama_cpp_python_version, run_converter
 from export.gguf.qwen3vl import QWEN3VL, Qwen3VLGguf
 from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
 
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 FAMILIES: dict[str, Qwen3VLGguf] = {arch: family for family in (QWEN3VL,) for arch in family.architectures}
-# architectures refused with the reason, so a user learns why rather than seeing a converter traceback
-UNSUPPORTED = {
-    "Molmo2ForConditionalGeneration": "llama.cpp has no Molmo2 support (its converter answers 'Model "
-    "Molmo2ForConditionalGeneration is not supported' and libmtmd has no Molmo vision projector); "
-    "export Molmo2 to ONNX instead",
-}
 # non-weight files a merged checkpoint needs from its source for the converter (tokenizer, preprocessing)
 SIDE_FILES = ("*.json", "*.jinja", "*.txt", "tokenizer.model")
 
@@ -70,10 +69,6 @@ def _read_json(path: Path) -> dict:
 
 def family_for(config: dict, model_dir: Path) -> Qwen3VLGguf:
     architecture = (config.get("architectures") or ["?"])[0]
-    if architecture in UNSUPPORTED:
-        raise UserError(
-            f"{model_dir}: {architecture} cannot be exported to GGUF: {UNSUPPORTED[architecture]}"
-        )
     if architecture not in FAMILIES:
         raise UserError(
             f"{model_dir}: {architecture} has no GGUF exporter (supported: {', '.join(sorted(FAMILIES))})"
@@ -150,11 +145,13 @@ def export_gguf(args: argparse.Namespace) -> Path:
     config = _read_json(model_dir / "config.json")
     if not config:
         raise UserError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
-    family = family_for(config, model_dir)  # refuse before any download or conversion
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: not one of {', '.join(QUANTS)}")
     if lora is not None and not (lora / "adapter_config.json").is_file():
         raise UserError(f"--perception-lora {lora}: not a PEFT adapter (no adapter_config.json)")
+    if (config.get("architectures") or ["?"])[0] == molmo2.ARCHITECTURE:
+        return export_molmo2_gguf(model_dir, out, quant, lora, config)
+    family = family_for(config, model_dir)  # refuse before any download or conversion
     mmproj_type = "f32" if quant == "f32" else "f16"
     steps = 3 + (1 if lora else 0)
 
@@ -216,4 +213,37 @@ def export_gguf(args: argparse.Namespace) -> Path:
     log(
         f"done: {out} ({', '.join(variants)}; llama-cpp-python {llama_cpp_python_version() or 'not installed'})"
     )
+    return out
+
+
+def export_molmo2_gguf(model_dir: Path, out: Path, quant: str, lora: Path | None, config: dict) -> Path:
+    """The hybrid bundle (export/gguf/molmo2.py): text GGUF for llama.cpp, vision and embed graphs in ONNX."""
+    reason = molmo2.refusal(config)
+    if reason is None and lora is not None:
+        # a merged LoRA may change the vision tower and the embeddings too: a second set of ONNX graphs
+        # and its parity tests are not written yet
+        reason = "--perception-lora is not supported for Molmo2 yet (export it to ONNX with the LoRA instead)"
+    if reason is not None:  # before any work: no output directory appears
+        raise UserError(f"{model_dir}: {molmo2.ARCHITECTURE} cannot be exported to GGUF: {reason}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is written last
+    shutil.rmtree(out / "base", ignore_errors=True)
+    (out / "base").mkdir()
+    log("[1/3] checking the text decoder: plain Qwen3")
+    variants, files, fields = molmo2.export_molmo2(model_dir, out, quant, config, log, quantize)
+    tools = _versions(("sparc-engine", "llama-cpp-python", "gguf", "torch", "transformers", "onnx"))
+    manifest = Manifest(
+        format="gguf",
+        architecture=molmo2.ARCHITECTURE,
+        source=str(model_dir.resolve()),
+        dtype=quant,
+        image=fields["image"],
+        tokens=fields["tokens"],
+        variants=variants,
+        files=files,
+        tools={**tools, "text_writer": "gguf.GGUFWriter (qwen3)"},
+        model=fields["model"],
+    )
+    write_manifest(out, manifest)
+    log(f"done: {out} (text decoder for llama.cpp, vision and embed graphs for onnxruntime)")
     return out

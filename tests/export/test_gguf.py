@@ -33,14 +33,17 @@ def test_bundle_lists_every_file_with_its_sha256(tiny_qwen3vl_gguf, tiny_qwen3vl
     assert manifest.tools["pre_tokenizer_fallback"] == "qwen2"  # the tiny BPE is not in llama.cpp's table
 
 
-def test_molmo2_is_refused_with_the_reason(tmp_path, capsys):
+def test_molmo2_whose_text_decoder_is_not_plain_qwen3_is_refused_before_any_work(tmp_path, capsys):
     model = tmp_path / "molmo2"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["Molmo2ForConditionalGeneration"]}))
+    text = {"num_hidden_layers": 2, "qk_norm_type": "olmo", "hidden_act": "silu"}
+    config = {"architectures": ["Molmo2ForConditionalGeneration"], "text_config": text}
+    (model / "config.json").write_text(json.dumps(config))
     assert main(["export", "gguf", "--model", str(model), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert "Molmo2ForConditionalGeneration cannot be exported to GGUF" in error and "llama.cpp" in error
-    assert not (tmp_path / "out").exists()  # refused before any work
+    assert "Molmo2ForConditionalGeneration cannot be exported to GGUF" in error
+    assert "qk_norm_type='olmo' (needs 'qwen3')" in error and "export it to ONNX instead" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_architecture_is_refused(tmp_path):
