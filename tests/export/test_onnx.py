@@ -21,7 +21,7 @@ from runtimes.base import RuntimeInputError  # noqa: E402
 from runtimes.bundle import read_manifest, sha256_file, verify  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime, checkpoint_image_config  # noqa: E402
-from tests.pictures import picture  # noqa: E402
+from tests.support import picture  # noqa: E402
 
 ATOL = 2e-5
 

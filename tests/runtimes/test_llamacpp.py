@@ -19,7 +19,7 @@ from engine.spec import validate  # noqa: E402
 from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.pictures import picture
+from tests.support import picture
 
 TEXT_ATOL = 1e-4
 IMAGE_ATOL = 5e-3

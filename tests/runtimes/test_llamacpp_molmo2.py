@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,7 @@ from engine.spec import validate  # noqa: E402
 from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.pictures import picture  # noqa: E402
-from tests.runtimes.test_onnx_molmo2 import RUN_WITHOUT_TORCH, FixedPoints, greedy_raw  # noqa: E402
+from tests.support import fixed_points, molmo2_greedy_raw, picture, run_in_fresh_interpreter  # noqa: E402
 
 ATOL = 2e-5
 NEW_TOKENS = 16
@@ -141,7 +138,9 @@ def test_pipeline_gives_the_same_result_on_llamacpp_and_torch_ref(
         (tiny_molmo2_gguf, "llamacpp", llama),
         (tiny_molmo2, "torch_ref", reference),
     ):
-        pipeline = Pipeline(validate(greedy_raw(bundle, name)), FixedPoints(runtime) if points else runtime)
+        pipeline = Pipeline(
+            validate(molmo2_greedy_raw(bundle, name)), fixed_points(runtime) if points else runtime
+        )
         results.append(pipeline.run(image, "What colour is the car?").to_dict())
     for result in results:
         for stage in result["stages"]:
@@ -163,12 +162,7 @@ def test_a_hybrid_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_molmo2_g
             {"reason": {"resolution": 378, "max_new_tokens": 8}},
         ],
     }
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_TORCH, json.dumps(spec)], cwd=root, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    output = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_in_fresh_interpreter(spec)
     assert output["heavy"] == [] and isinstance(output["answer"], str)
 
 

@@ -7,10 +7,7 @@ be identical, and the tiny model is checked to really generate that many tokens 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.bundle import read_manifest, write_manifest  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.pictures import picture  # noqa: E402
+from tests.support import FixedGrounding, picture, run_in_fresh_interpreter  # noqa: E402
 
 ATOL = 2e-5
 NEW_TOKENS = 24  # greedy tokens compared per sequence (the brief asks for at least 16)
@@ -131,28 +128,11 @@ def greedy_spec(bundle: Path, runtime: str, variant: str = "base") -> Spec:
     return validate(greedy_raw(bundle, runtime, variant))
 
 
-class FixedBoxes:
-    """Delegates to a real runtime but replaces perceive outputs with fixed boxes, so the random model's
-    pipeline gets regions and the reason stage runs on crops (images in the suffix) on both runtimes."""
+BOXES = '[{"bbox_2d": [100, 150, 400, 500], "label": "a"}, {"bbox_2d": [600, 100, 900, 300], "label": "b"}]'
 
-    BOXES = (
-        '[{"bbox_2d": [100, 150, 400, 500], "label": "a"}, {"bbox_2d": [600, 100, 900, 300], "label": "b"}]'
-    )
 
-    def __init__(self, inner) -> None:
-        self.inner, self.info = inner, inner.info
-
-    def prefill(self, segments, variant):
-        return self.inner.prefill(segments, variant)
-
-    def generate(self, prefix, suffix, n, sampling):
-        generations = self.inner.generate(prefix, suffix, n, sampling)
-        if any("bbox_2d" in s.text for s in suffix if isinstance(s, Text)):
-            generations = [replace(g, text=self.BOXES) for g in generations]
-        return generations
-
-    def close(self) -> None:
-        pass
+def fixed_boxes(runtime) -> FixedGrounding:
+    return FixedGrounding(runtime, "bbox_2d", BOXES)
 
 
 @pytest.mark.parametrize("boxes", [False, True], ids=["model-boxes", "fixed-boxes"])
@@ -163,7 +143,7 @@ def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
     results = []
     for name, runtime in (("onnx", onnx_runtime), ("torch_ref", reference)):
         pipeline = Pipeline(
-            greedy_spec(tiny_qwen3vl_onnx, name, "perception"), FixedBoxes(runtime) if boxes else runtime
+            greedy_spec(tiny_qwen3vl_onnx, name, "perception"), fixed_boxes(runtime) if boxes else runtime
         )
         results.append(pipeline.run(image, "What colour is the car?").to_dict())
     ours, theirs = results
@@ -225,20 +205,6 @@ def test_device_cuda_without_the_cuda_provider_is_refused(tiny_qwen3vl_onnx: Pat
         open_runtime("onnx", tiny_qwen3vl_onnx, "cuda")
 
 
-RUN_WITHOUT_TORCH = """
-import json, sys
-import numpy as np
-from PIL import Image
-from engine.pipeline import open_pipeline
-from engine.spec import validate
-spec = validate(json.loads(sys.argv[1]))
-image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
-result = open_pipeline(spec).run(image, "Where is the cat?")
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
-print(json.dumps({"answer": result.answer, "heavy": heavy}))
-"""
-
-
 def test_a_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_qwen3vl_onnx: Path) -> None:
     spec = {
         "model": {"bundle": str(tiny_qwen3vl_onnx), "runtime": "onnx", "device": "auto"},
@@ -249,12 +215,7 @@ def test_a_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_qwen3vl_onnx: P
             {"reason": {"resolution": 64, "max_new_tokens": 8}},
         ],
     }
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_TORCH, json.dumps(spec)], cwd=root, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    output = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_in_fresh_interpreter(spec)
     assert output["heavy"] == [] and isinstance(output["answer"], str)
 
 

@@ -8,10 +8,6 @@ many tokens.
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +18,13 @@ ort = pytest.importorskip("onnxruntime")
 
 
 from engine.families import family_for  # noqa: E402
-from engine.families.molmo2 import Molmo2Family  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.spec import validate  # noqa: E402
-from runtimes.base import Sampling, Text  # noqa: E402
+from runtimes.base import Sampling  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.onnx_session import DecoderSession  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.pictures import picture  # noqa: E402
+from tests.support import fixed_points, molmo2_greedy_raw, picture, run_in_fresh_interpreter  # noqa: E402
 
 ATOL = 2e-5
 NEW_TOKENS = 16  # greedy tokens compared per sequence
@@ -127,43 +122,6 @@ def test_io_binding_path_decodes_the_same_tokens(tiny_molmo2_onnx, onnx_runtime,
     assert [g.token_ids for g in got] == [g.token_ids for g in expected]
 
 
-class FixedPoints:
-    """Delegates to a real runtime but replaces perceive outputs with fixed points, so the random model's
-    pipeline gets regions and the reason stage runs on crops on both runtimes."""
-
-    POINTS = '<points coords="1 1 250 300 2 750 650">a</points>'
-    # the perceive prompt's fixed part (after the question) tells a perceive call from a reason call
-    PERCEIVE = Molmo2Family.perceive_prompt.split("{question}")[-1].strip()
-
-    def __init__(self, inner) -> None:
-        self.inner, self.info = inner, inner.info
-
-    def prefill(self, segments, variant):
-        return self.inner.prefill(segments, variant)
-
-    def generate(self, prefix, suffix, n, sampling):
-        generations = self.inner.generate(prefix, suffix, n, sampling)
-        if any(self.PERCEIVE in s.text for s in suffix if isinstance(s, Text)):
-            generations = [replace(g, text=self.POINTS) for g in generations]
-        return generations
-
-    def close(self) -> None:
-        pass
-
-
-def greedy_raw(bundle: Path, runtime: str) -> dict:
-    """SPARC with greedy rollouts: every stage is deterministic, so runtimes must agree exactly."""
-    return {
-        "model": {"bundle": str(bundle), "runtime": runtime, "device": "cpu"},
-        "stages": [
-            {"perceive": {"resolution": 512, "rollouts": 2, "temperature": 0.0, "max_new_tokens": 12}},
-            {"fuse": {"iou_thr": 0.5}},
-            {"crop": {"min_side": 64, "resolution": 378, "max_crops": 2}},
-            {"reason": {"resolution": 512, "max_new_tokens": 12}},
-        ],
-    }
-
-
 @pytest.mark.parametrize("points", [False, True], ids=["model-points", "fixed-points"])
 def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
     onnx_runtime, reference, tiny_molmo2_onnx, tiny_molmo2, points
@@ -174,7 +132,9 @@ def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
         (tiny_molmo2_onnx, "onnx", onnx_runtime),
         (tiny_molmo2, "torch_ref", reference),
     ):
-        pipeline = Pipeline(validate(greedy_raw(bundle, name)), FixedPoints(runtime) if points else runtime)
+        pipeline = Pipeline(
+            validate(molmo2_greedy_raw(bundle, name)), fixed_points(runtime) if points else runtime
+        )
         results.append(pipeline.run(image, "What colour is the car?").to_dict())
     for result in results:
         for stage in result["stages"]:
@@ -184,20 +144,6 @@ def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
     if points:
         perceive, reason = ours["stages"][0], ours["stages"][-1]
         assert len(ours["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]  # crops seen
-
-
-RUN_WITHOUT_TORCH = """
-import json, sys
-import numpy as np
-from PIL import Image
-from engine.pipeline import open_pipeline
-from engine.spec import validate
-spec = validate(json.loads(sys.argv[1]))
-image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
-result = open_pipeline(spec).run(image, "Where is the cat?")
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
-print(json.dumps({"answer": result.answer, "heavy": heavy}))
-"""
 
 
 def test_a_molmo2_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_molmo2_onnx: Path) -> None:
@@ -210,12 +156,7 @@ def test_a_molmo2_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_molmo2_o
             {"reason": {"resolution": 378, "max_new_tokens": 8}},
         ],
     }
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_TORCH, json.dumps(spec)], cwd=root, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    output = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_in_fresh_interpreter(spec)
     assert output["heavy"] == [] and isinstance(output["answer"], str)
 
 

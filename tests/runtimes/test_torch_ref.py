@@ -11,7 +11,7 @@ from engine.families import family_for
 from runtimes.base import RuntimeInputError, Sampling, Text
 from runtimes.mrope import tokenize
 from runtimes.torch_ref import TorchRefRuntime
-from tests.pictures import picture
+from tests.support import picture
 
 
 @pytest.fixture(scope="module")

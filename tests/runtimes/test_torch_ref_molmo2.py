@@ -18,7 +18,7 @@ from engine.pipeline import Pipeline
 from engine.spec import validate
 from runtimes.base import Sampling
 from runtimes.torch_ref import TorchRefRuntime
-from tests.pictures import picture
+from tests.support import picture
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,96 @@
+"""Helpers several test modules share: structured pictures, a runtime with fixed groundings, and a run of
+the whole pipeline in a fresh interpreter that reports which heavy libraries it loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engine.families.molmo2 import Molmo2Family
+from runtimes.base import Text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Gradients + noise: resizing and patch-order mistakes show up in them."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
+    return Image.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+class FixedGrounding:
+    """Delegates to a real runtime but replaces the perceive stage's outputs with a fixed grounding text, so
+    a random model's pipeline gets regions and the reason stage runs on crops."""
+
+    def __init__(self, inner, perceive_marker: str, grounding: str) -> None:
+        self.inner, self.info = inner, inner.info
+        self.perceive_marker = perceive_marker  # text only the perceive prompt contains
+        self.grounding = grounding
+
+    def prefill(self, segments, variant):
+        return self.inner.prefill(segments, variant)
+
+    def generate(self, prefix, suffix, n, sampling):
+        generations = self.inner.generate(prefix, suffix, n, sampling)
+        if any(self.perceive_marker in s.text for s in suffix if isinstance(s, Text)):
+            generations = [replace(g, text=self.grounding) for g in generations]
+        return generations
+
+    def close(self) -> None:
+        pass
+
+
+_RUN_AND_LIST_MODULES = """
+import json, sys
+import numpy as np
+from PIL import Image
+from engine.pipeline import open_pipeline
+from engine.spec import validate
+spec = validate(json.loads(sys.argv[1]))
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+result = open_pipeline(spec).run(image, "Where is the cat?")
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
+print(json.dumps({"answer": result.answer, "heavy": heavy}))
+"""
+
+
+def run_in_fresh_interpreter(spec: dict) -> dict:
+    """Run a raw spec end to end in a new Python process; returns {"answer", "heavy": modules loaded}."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_LIST_MODULES, json.dumps(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MOLMO2_POINTS = '<points coords="1 1 250 300 2 750 650">a</points>'
+# the perceive prompt's fixed part (after the question) tells a perceive call from a reason call
+MOLMO2_PERCEIVE_MARKER = Molmo2Family.perceive_prompt.split("{question}")[-1].strip()
+
+
+def fixed_points(runtime) -> FixedGrounding:
+    return FixedGrounding(runtime, MOLMO2_PERCEIVE_MARKER, MOLMO2_POINTS)
+
+
+def molmo2_greedy_raw(bundle: Path, runtime: str) -> dict:
+    """SPARC with greedy rollouts: every stage is deterministic, so runtimes must agree exactly."""
+    return {
+        "model": {"bundle": str(bundle), "runtime": runtime, "device": "cpu"},
+        "stages": [
+            {"perceive": {"resolution": 512, "rollouts": 2, "temperature": 0.0, "max_new_tokens": 12}},
+            {"fuse": {"iou_thr": 0.5}},
+            {"crop": {"min_side": 64, "resolution": 378, "max_crops": 2}},
+            {"reason": {"resolution": 512, "max_new_tokens": 12}},
+        ],
+    }
