@@ -94,3 +94,19 @@ def molmo2_greedy_raw(bundle: Path, runtime: str) -> dict:
             {"reason": {"resolution": 512, "max_new_tokens": 12}},
         ],
     }
+
+
+def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
+    """A pipeline run's --json result without wall times: what two runtimes must agree on exactly."""
+    from engine.pipeline import Pipeline
+    from engine.spec import validate
+
+    result = Pipeline(validate(spec), runtime).run(image, "What colour is the car?").to_dict()
+    for stage in result["stages"]:
+        stage.pop("ms")
+    return result
+
+
+def assert_two_regions_and_crops_seen(result: dict) -> None:
+    perceive, reason = result["stages"][0], result["stages"][-1]
+    assert len(result["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]

@@ -29,7 +29,13 @@ from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.bundle import read_manifest, write_manifest  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.support import FixedGrounding, picture, run_in_fresh_interpreter  # noqa: E402
+from tests.support import (  # noqa: E402
+    FixedGrounding,
+    assert_two_regions_and_crops_seen,
+    picture,
+    run_in_fresh_interpreter,
+    timeless_result,
+)
 
 ATOL = 2e-5
 NEW_TOKENS = 24  # greedy tokens compared per sequence (the brief asks for at least 16)
@@ -140,20 +146,12 @@ def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
     onnx_runtime, reference, tiny_qwen3vl_onnx, boxes
 ):
     image = picture(300, 200, seed=3)
-    results = []
-    for name, runtime in (("onnx", onnx_runtime), ("torch_ref", reference)):
-        pipeline = Pipeline(
-            greedy_spec(tiny_qwen3vl_onnx, name, "perception"), fixed_boxes(runtime) if boxes else runtime
-        )
-        results.append(pipeline.run(image, "What colour is the car?").to_dict())
-    ours, theirs = results
-    for result in results:
-        for stage in result["stages"]:
-            stage.pop("ms")
+    wrap = fixed_boxes if boxes else (lambda runtime: runtime)
+    ours = timeless_result(greedy_raw(tiny_qwen3vl_onnx, "onnx", "perception"), wrap(onnx_runtime), image)
+    theirs = timeless_result(greedy_raw(tiny_qwen3vl_onnx, "torch_ref", "perception"), wrap(reference), image)
     assert ours == theirs
     if boxes:
-        perceive, reason = ours["stages"][0], ours["stages"][-1]
-        assert len(ours["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]  # crops seen
+        assert_two_regions_and_crops_seen(ours)
 
 
 def test_a_changed_file_is_refused(tiny_qwen3vl_onnx: Path, tmp_path: Path) -> None:

@@ -18,13 +18,18 @@ ort = pytest.importorskip("onnxruntime")
 
 
 from engine.families import family_for  # noqa: E402
-from engine.pipeline import Pipeline  # noqa: E402
-from engine.spec import validate  # noqa: E402
 from runtimes.base import Sampling  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.onnx_session import DecoderSession  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-from tests.support import fixed_points, molmo2_greedy_raw, picture, run_in_fresh_interpreter  # noqa: E402
+from tests.support import (  # noqa: E402
+    assert_two_regions_and_crops_seen,
+    fixed_points,
+    molmo2_greedy_raw,
+    picture,
+    run_in_fresh_interpreter,
+    timeless_result,
+)
 
 ATOL = 2e-5
 NEW_TOKENS = 16  # greedy tokens compared per sequence
@@ -127,23 +132,12 @@ def test_pipeline_gives_the_same_result_on_onnx_and_torch_ref(
     onnx_runtime, reference, tiny_molmo2_onnx, tiny_molmo2, points
 ):
     image = picture(300, 200, seed=3)
-    results = []
-    for bundle, name, runtime in (
-        (tiny_molmo2_onnx, "onnx", onnx_runtime),
-        (tiny_molmo2, "torch_ref", reference),
-    ):
-        pipeline = Pipeline(
-            validate(molmo2_greedy_raw(bundle, name)), fixed_points(runtime) if points else runtime
-        )
-        results.append(pipeline.run(image, "What colour is the car?").to_dict())
-    for result in results:
-        for stage in result["stages"]:
-            stage.pop("ms")
-    ours, theirs = results
+    wrap = fixed_points if points else (lambda runtime: runtime)
+    ours = timeless_result(molmo2_greedy_raw(tiny_molmo2_onnx, "onnx"), wrap(onnx_runtime), image)
+    theirs = timeless_result(molmo2_greedy_raw(tiny_molmo2, "torch_ref"), wrap(reference), image)
     assert ours == theirs
     if points:
-        perceive, reason = ours["stages"][0], ours["stages"][-1]
-        assert len(ours["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]  # crops seen
+        assert_two_regions_and_crops_seen(ours)
 
 
 def test_a_molmo2_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_molmo2_onnx: Path) -> None:
