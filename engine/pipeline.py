@@ -41,6 +41,13 @@ class Context:
     crop_inputs: list[ImageInput] = field(default_factory=list)
     answer: str = ""
     traces: list[StageTrace] = field(default_factory=list)
+    views: dict[int | str, ImageInput] = field(default_factory=dict)  # the image prepared per resolution
+
+    def view(self, pipeline: Pipeline, resolution: int | str) -> ImageInput:
+        """The original image at a stage's resolution, prepared once per query (perceive and reason share it)."""
+        if resolution not in self.views:
+            self.views[resolution] = pipeline.prepare(self.image, resolution, self.image_hash)
+        return self.views[resolution]
 
 
 def open_pipeline(spec: Spec) -> Pipeline:

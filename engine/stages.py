@@ -51,7 +51,7 @@ def _sampling(pipeline: Pipeline, stage: PerceiveSpec | ReasonSpec, index: int, 
 @_runs(PerceiveSpec)
 def perceive(pipeline: Pipeline, stage: PerceiveSpec, index: int, ctx: Context) -> StageTrace:
     trace = StageTrace("perceive")
-    image = pipeline.prepare(ctx.image, stage.resolution, ctx.image_hash)
+    image = ctx.view(pipeline, stage.resolution)
     trace.visual_tokens = image.n_tokens
     suffix = pipeline.family.question_suffix(pipeline.prompts["perceive"].format(question=ctx.question))
     sampling = _sampling(pipeline, stage, index, stage.rollouts)
@@ -99,7 +99,7 @@ def crop(pipeline: Pipeline, stage: CropSpec, index: int, ctx: Context) -> Stage
 @_runs(ReasonSpec)
 def reason(pipeline: Pipeline, stage: ReasonSpec, index: int, ctx: Context) -> StageTrace:
     trace = StageTrace("reason")
-    image = pipeline.prepare(ctx.image, stage.resolution, ctx.image_hash)
+    image = ctx.view(pipeline, stage.resolution)
     trace.visual_tokens = image.n_tokens + sum(c.n_tokens for c in ctx.crop_inputs)
     prompt = pipeline.prompts["reason"].format(question=ctx.question)
     suffix = pipeline.family.question_suffix(prompt, ctx.crop_inputs)

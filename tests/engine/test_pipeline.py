@@ -158,3 +158,14 @@ def test_runtime_options_are_checked_against_the_runtime(tiny_qwen3vl):
         RuntimeInputError, match="runtime 'torch_ref' takes no option n_ctx .it takes: perception_lora"
     ):
         open_pipeline(validate(raw))
+
+
+def test_the_view_is_prepared_once_when_stages_share_a_resolution(scripted_runtime, image, monkeypatch):
+    pipeline = Pipeline(spec(rollouts=2), scripted_runtime([CAT] * 2))
+    prepared = []
+    original = pipeline.family.prepare_image
+    monkeypatch.setattr(
+        pipeline.family, "prepare_image", lambda *args: prepared.append(args[1]) or original(*args)
+    )
+    pipeline.run(image, "q")
+    assert prepared.count(256) == 1  # perceive and reason both at 256 px: one preparation
