@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # a plain script: run from a checkout without ins
 
 from PIL import Image as PILImage  # noqa: E402
 
+from benchmarks.workload import run_benchmark, workload_parser  # noqa: E402
 from engine.families import family_for  # noqa: E402
 from engine.imaging import load_image  # noqa: E402
 from runtimes.base import Sampling  # noqa: E402
@@ -43,22 +44,8 @@ from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--bundle", default=str(ROOT / "models/tiny-qwen3vl-gguf"), help="GGUF bundle directory"
-    )
-    parser.add_argument("--image", default=str(ROOT / "examples/street.png"), help="image file")
-    parser.add_argument("--question", default="What colour is the car parked next to the tree?")
-    parser.add_argument("--rollouts", type=int, default=8, help="N sampled localizations")
-    parser.add_argument("--resolution", type=int, default=256, help="perception view, longest side in pixels")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per rollout")
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser = workload_parser(__doc__, "models/tiny-qwen3vl-gguf")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for both")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args()
 
 
@@ -167,4 +154,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a plain script: run from a checkout without installing
 
+from benchmarks.workload import run_benchmark, workload_parser  # noqa: E402
 from engine.imaging import load_image  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.spec import Spec, validate  # noqa: E402
@@ -28,21 +29,9 @@ from runtimes import open_runtime  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--bundle", default=str(ROOT / "models/tiny-qwen3vl-onnx"), help="bundle directory")
+    parser = workload_parser(__doc__, "models/tiny-qwen3vl-onnx")
     parser.add_argument("--runtime", default="onnx", help="runtime name (onnx, torch_ref, ...)")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--image", default=str(ROOT / "examples/street.png"), help="image file")
-    parser.add_argument("--question", default="What colour is the car parked next to the tree?")
-    parser.add_argument("--rollouts", type=int, default=8, help="N sampled localizations")
-    parser.add_argument("--resolution", type=int, default=256, help="perception view, longest side in pixels")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per rollout")
-    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--variant", default="base", help="weights variant of the perceive stage")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args()
 
 
@@ -110,4 +99,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

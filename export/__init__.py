@@ -25,12 +25,15 @@ def _tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
 
 
-def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
+def _checkpoint_arguments(parser: argparse.ArgumentParser, lora_help: str) -> None:
+    """What every checkpoint exporter takes: the source, the bundle to write, an optional LoRA."""
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    parser.add_argument(
-        "--perception-lora", type=Path, help="PEFT adapter directory, merged into a 'perception' variant"
-    )
+    parser.add_argument("--perception-lora", type=Path, help=lora_help)
+
+
+def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    _checkpoint_arguments(parser, "PEFT adapter directory, merged into a 'perception' variant")
     parser.add_argument(
         "--dtype",
         choices=("fp32", "fp16"),
@@ -40,11 +43,7 @@ def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gguf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--out", type=Path, required=True, help="output bundle directory")
-    parser.add_argument(
-        "--perception-lora", type=Path, help="PEFT adapter merged into a separate 'perception' text GGUF"
-    )
+    _checkpoint_arguments(parser, "PEFT adapter merged into a separate 'perception' text GGUF")
     parser.add_argument(
         "--quant",
         choices=("f32", "f16", "q8_0", "q4_k_m"),
