@@ -5,12 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch for the reference runtime and export; on a CUDA workstation: make TORCH=torch
 TORCH ?= torch==2.13.0
-# llama compiles llama.cpp on first install (about 5 minutes; pip caches the wheel): make EXTRAS=export,onnx,dev skips it
-EXTRAS ?= export,onnx,llama,dev
+# llama compiles llama.cpp on first install (about 5 minutes; pip caches the wheel): make EXTRAS=export,onnx,eval,dev skips it
+EXTRAS ?= export,onnx,llama,eval,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-DEMO_MODEL := models/tiny-qwen3vl
-DEMO_BUNDLE := models/tiny-qwen3vl-onnx
+# The demo model is committed (trained by `sparc-engine train demo`); its ONNX bundle is derived from it.
+DEMO_MODEL := checkpoints/demo-qwen3vl
+DEMO_BUNDLE := models/demo-qwen3vl-onnx
 
 .PHONY: demo test lint clean
 
@@ -21,10 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/sparc-engine export tiny --out $(DEMO_MODEL)
-	test -f $(DEMO_BUNDLE)/manifest.yaml || $(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --out $(DEMO_BUNDLE)
+demo: $(DEMO_BUNDLE)/manifest.yaml
 	$(BIN)/sparc-engine run specs/demo.yaml --save-viz out/demo.png
+
+# re-exported whenever the committed weights change
+$(DEMO_BUNDLE)/manifest.yaml: $(STAMP) $(DEMO_MODEL)/model.safetensors $(DEMO_MODEL)/perception-lora/adapter_model.safetensors
+	$(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --perception-lora $(DEMO_MODEL)/perception-lora --out $(DEMO_BUNDLE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

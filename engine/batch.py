@@ -76,15 +76,23 @@ def finished_ids(out: Path) -> set[str]:
     return ids
 
 
-def run_dataset(dataset: Path, out: Path, answer: Callable[[Row], Result]) -> tuple[int, int, int]:
-    """Returns (done now, skipped as already done, failed). A failed row is reported and retried next run."""
-    rows = read_rows(dataset)
+def run_dataset(
+    dataset: Path,
+    out: Path,
+    answer: Callable[[Row], Result],
+    *,
+    limit: int | None = None,
+    desc: str = "sparc-engine",
+) -> tuple[int, int, int]:
+    """Returns (done now, skipped as already done, failed) over the first `limit` rows (all by default).
+    A failed row is reported and retried next run; `desc` labels the progress bar."""
+    rows = read_rows(dataset)[:limit]
     done_before = finished_ids(out)
     todo = [row for row in rows if row.id not in done_before]
     out.parent.mkdir(parents=True, exist_ok=True)
     done = failed = 0
     with out.open("a", encoding="utf-8") as handle:
-        for row in tqdm(todo, desc="sparc-engine", unit="row", file=sys.stderr, disable=not todo):
+        for row in tqdm(todo, desc=desc, unit="row", file=sys.stderr, disable=not todo):
             try:
                 result = answer(row)
             except UserError as error:

@@ -6,22 +6,34 @@ Exit codes: 0 done, 1 bad input or a failed run (one-line message), 2 bad spec o
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
+from engine.commands import Command, add_commands, run_command
 from engine.errors import SpecError, UserError
 from engine.spec import Spec, load_spec
+from evals import DATA_COMMANDS, EVAL_COMMANDS
 from export import EXPORTERS
 from runtimes.base import RuntimeInputError
+from train import TRAINERS
 
 EPILOG = """examples:
   sparc-engine run specs/demo.yaml --image cat.jpg --question "What is on the table?"
   sparc-engine run specs/qwen3vl-sparc-wbf8.yaml --image cat.jpg --question "..." --json --save-viz out.png
   sparc-engine run specs/qwen3vl-sparc.yaml --dataset questions.jsonl --out answers.jsonl
   sparc-engine validate specs/qwen3vl-sparc.yaml --set stages.0.perceive.rollouts=4
+  sparc-engine data synth --out data/shapes --n 200 --seed 1
+  sparc-engine eval specs/demo.yaml specs/demo/baseline-256.yaml --dataset data/shapes/rows.jsonl --out out/eval
+  sparc-engine train perception-lora --model CKPT --dataset rows.jsonl --out adapters/perception
 """
+
+# command group -> its registry; each entry's code loads only when it is asked for
+GROUPS: dict[str, tuple[str, dict[str, Command]]] = {
+    "export": ("export a Hugging Face checkpoint to a bundle (needs [export])", EXPORTERS),
+    "data": ("make or convert datasets: the synthetic shapes benchmark, V*Bench, HR-Bench", DATA_COMMANDS),
+    "train": ("fine-tune: the perception LoRA, the demo model (needs [export])", TRAINERS),
+}
 
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,12 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a spec without loading a model")
     _add_spec_arguments(validate)
 
-    export = commands.add_parser(
-        "export", help="export a Hugging Face checkpoint to a bundle (needs [export])"
-    )
-    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    for name, exporter in EXPORTERS.items():
-        exporter.add_arguments(formats.add_parser(name, help=exporter.help, description=exporter.help))
+    add_commands(commands, EVAL_COMMANDS)
+    for group, (help_text, registry) in GROUPS.items():
+        sub = commands.add_parser(group, help=help_text, description=help_text)
+        add_commands(sub.add_subparsers(dest="subcommand", required=True, metavar="COMMAND"), registry)
     return parser
 
 
@@ -135,13 +145,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return _run_dataset(spec, args) if args.dataset else _run_one(spec, args)
 
 
-def _export(args: argparse.Namespace) -> int:
-    module_name, function = EXPORTERS[args.format].run.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UserError(f"export needs {error.name}: pip install 'sparc-engine[export]'") from error
-    print(getattr(module, function)(args))
+def _lazy(args: argparse.Namespace) -> int:
+    command = (
+        EVAL_COMMANDS[args.command]
+        if args.command in EVAL_COMMANDS
+        else GROUPS[args.command][1][args.subcommand]
+    )
+    outcome = run_command(command, args)
+    if isinstance(outcome, int):
+        return outcome
+    print(outcome)
     return 0
 
 
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.spec}: ok ({' -> '.join(s.name for s in spec.stages)}, runtime {spec.model.runtime})"
             )
             return 0
-        return _export(args)
+        return _lazy(args)
     except SpecError as error:
         for problem in error.problems:
             print(f"spec error: {problem}", file=sys.stderr)

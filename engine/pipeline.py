@@ -104,10 +104,13 @@ class Pipeline:
             # the cached view could not attend to the crops: prefill all images together (no reuse)
             prefix_segments = [*prefix_segments, *suffix[: last_image + 1]]
             suffix = suffix[last_image + 1 :]
+        prefix_images, suffix_images = _image_tokens(prefix_segments), _image_tokens(suffix)
         if self.spec.reuse_prefix:
             prefix, fresh = self.prefixes.get(prefix_segments, variant)
             generations = self.runtime.generate(prefix, suffix, n, sampling)
             fresh_tokens = prefix.computed_tokens if fresh else 0
+            # the suffix runs once and is then forked: its images are computed once per call
+            trace.visual_tokens_computed += (prefix_images if fresh else 0) + suffix_images
         else:
             generations, fresh_tokens = [], 0
             for seed_index in range(n):
@@ -115,8 +118,13 @@ class Pipeline:
                 one = replace(sampling, seeds=sampling.seeds[seed_index : seed_index + 1])
                 generations += self.runtime.generate(prefix, suffix, 1, one)
                 fresh_tokens += prefix.computed_tokens
+            trace.visual_tokens_computed += n * (prefix_images + suffix_images)
         trace.prompt_tokens += fresh_tokens + sum(g.prompt_tokens for g in generations)
         trace.reused_tokens += sum(g.reused_tokens for g in generations) - fresh_tokens
         trace.generated_tokens += sum(g.generated_tokens for g in generations)
         trace.outputs += [g.text for g in generations]
         return generations
+
+
+def _image_tokens(segments: Sequence[Segment]) -> int:
+    return sum(s.image.n_tokens for s in segments if isinstance(s, Image))

@@ -16,6 +16,9 @@ class StageTrace:
     )
     generated_tokens: int = 0
     visual_tokens: int = 0  # image placeholder tokens in this stage's prompt (global view + crops)
+    # image tokens this stage actually ran through the model: 0 for a view served from the prefix cache,
+    # once per rollout on the naive path (reuse_prefix: false)
+    visual_tokens_computed: int = 0
     ms: float = 0.0
     notes: list[str] = field(default_factory=list)  # parser recoveries, empty fusions, ...
     outputs: list[str] = field(default_factory=list)  # raw model texts (rollouts, answer)
@@ -27,6 +30,7 @@ class StageTrace:
             "reused_tokens": self.reused_tokens,
             "generated_tokens": self.generated_tokens,
             "visual_tokens": self.visual_tokens,
+            "visual_tokens_computed": self.visual_tokens_computed,
             "ms": round(self.ms, 3),
         }
 
@@ -45,9 +49,10 @@ class Result:
     stages: list[StageTrace]
 
     def to_dict(self) -> dict:
-        """The `--json` contract: answer, regions (pixel xyxy + score), stages."""
+        """The `--json` contract: answer, regions (pixel xyxy + score), crops (pixel xyxy), stages."""
         return {
             "answer": self.answer,
             "regions": [{"box": r.box.as_list(), "score": round(r.score, 6)} for r in self.regions],
+            "crops": [c.as_list() for c in self.crops],
             "stages": [s.to_dict() for s in self.stages],
         }

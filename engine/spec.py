@@ -102,6 +102,9 @@ class CropSpec(StageSpec):
     name: ClassVar[str] = "crop"
     padding: float = Field(0.15, ge=0.0, le=2.0)  # fraction of the region's size added on each side
     min_side: int = Field(256, ge=0)  # pixels of the original image
+    # and at least this fraction of the image's longest side: slack for localization error that scales
+    # with the image (a 2% miss is 20 px of a 1024-px image but 80 px of a 4096-px one)
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0)
     resolution: Resolution = 512  # longest side each crop is resized to
     max_crops: int = Field(4, ge=0, le=64)
 
@@ -142,6 +145,7 @@ class ExampleSpec(_Strict):
 
 
 class Spec(_Strict):
+    name: str | None = None  # a label for reports (eval tables and plots); default: the spec's file name
     model: ModelSpec
     stages: tuple[StageSpec, ...]
     prompts: PromptsSpec = PromptsSpec()

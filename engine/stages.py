@@ -84,8 +84,9 @@ def crop(pipeline: Pipeline, stage: CropSpec, index: int, ctx: Context) -> Stage
     trace = StageTrace("crop")
     width, height = ctx.image.size
     boxes = [region.box for region in ctx.regions]
+    min_side = max(stage.min_side, round(stage.min_fraction * max(width, height)))
     ctx.crops = plan_crops(
-        boxes, width, height, padding=stage.padding, min_side=stage.min_side, max_crops=stage.max_crops
+        boxes, width, height, padding=stage.padding, min_side=min_side, max_crops=stage.max_crops
     )
     for box in ctx.crops:
         crop_key = f"{ctx.image_hash}[{box.x1},{box.y1},{box.x2},{box.y2}]"

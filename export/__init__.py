@@ -8,16 +8,9 @@ it (imported only when the format is asked for; exporters need the `export` extr
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Exporter:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: str  # "module:function", called with the parsed arguments; returns the output path
+from engine.commands import Command
 
 
 def _tiny_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,23 +70,23 @@ def _tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-EXPORTERS: dict[str, Exporter] = {
-    "tiny": Exporter(
+EXPORTERS: dict[str, Command] = {
+    "tiny": Command(
         "build a tiny random Qwen3-VL checkpoint of the real architecture (tests, demo; answers meaningless)",
         _tiny_arguments,
         "export.tiny:export_tiny",
     ),
-    "onnx": Exporter(
+    "onnx": Command(
         "export a checkpoint (+ perception LoRA) to an ONNX bundle: vision, embed and decoder graphs",
         _onnx_arguments,
         "export.onnx:export_onnx",
     ),
-    "gguf": Exporter(
+    "gguf": Command(
         "HF checkpoint (Qwen3-VL) -> GGUF bundle for the llamacpp runtime: text GGUF + vision projector",
         _gguf_arguments,
         "export.gguf:export_gguf",
     ),
-    "tensorrt": Exporter(
+    "tensorrt": Command(
         "build TensorRT engines from an ONNX bundle, on the target device (needs [tensorrt] and its GPU)",
         _tensorrt_arguments,
         "export.tensorrt:export_tensorrt",

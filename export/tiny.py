@@ -68,6 +68,7 @@ class TinyQwen3VLSizes:
     rope_theta: float = 5_000_000.0  # [5e6]
     max_position_embeddings: int = 4096
     vocab_multiple: int = 64  # embedding rows = tokenizer size rounded up to this
+    max_pixels: int = 16_777_216  # pixel area the image processor resizes down to at most [16_777_216]
     # Standard deviation of the random init. Larger than the usual 0.02 so logits spread wide (std ~0.9)
     # and greedy winners lead by absolute margins (>= ~4e-3 on the test prompt) well above the ~3e-4
     # rounding differences between runtimes; the test checks the margin stays above 1e-3.
@@ -199,7 +200,7 @@ def _image_processor_config(sizes: TinyQwen3VLSizes) -> dict:
         # PIXEL AREAS, not edge lengths (transformers' naming): images are resized, keeping their aspect,
         # to sides that are multiples of 32 px with an area in [32*32, 4096*4096]. The real checkpoint's
         # minimum upscales small images; this one leaves them as they are (down to one token).
-        "size": {"shortest_edge": token_px * token_px, "longest_edge": 16_777_216},
+        "size": {"shortest_edge": token_px * token_px, "longest_edge": sizes.max_pixels},
         "patch_size": sizes.patch_size,
         "temporal_patch_size": sizes.temporal_patch_size,
         "merge_size": sizes.spatial_merge_size,

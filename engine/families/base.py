@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from PIL import Image as PILImage
 
+from engine.boxes import Box
 from engine.errors import UserError
 from engine.grounding import Grounding
 from runtimes.base import Image, ImageConfig, ImageInput, Segment, Text
@@ -62,6 +63,11 @@ class Family(ABC):
     @abstractmethod
     def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
         """Model text -> normalized boxes (a point becomes a square of side point_box_size); never raises."""
+
+    @abstractmethod
+    def grounding_target(self, boxes: Sequence[Box]) -> str:
+        """Normalized boxes (with labels) -> the text this family grounds with: the perceive stage's
+        training target, which `parse_grounding` reads back."""
 
 
 def family_for(architecture: str, image_config: ImageConfig) -> Family:

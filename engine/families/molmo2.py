@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from PIL import Image as PILImage
 
+from engine.boxes import Box
 from engine.families.base import Family
-from engine.grounding import Grounding, parse_molmo_points
+from engine.grounding import MOLMO2_SCALE, Grounding, parse_molmo_points
 from engine.imaging_molmo2 import MAX_CROPS, prepare_molmo2_image
 from runtimes.base import Image, ImageInput, Segment, Text
 from runtimes.molmo2_layout import n_image_tokens
@@ -69,3 +70,15 @@ class Molmo2Family(Family):
 
     def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
         return parse_molmo_points(text, point_box_size=point_box_size)
+
+    def grounding_target(self, boxes: Sequence[Box]) -> str:
+        """One `<points>` tag per label, each box as its centre point (Molmo2 points, it does not box)."""
+        tags = []
+        for label in dict.fromkeys(box.label for box in boxes):
+            centres = [box.center for box in boxes if box.label == label]
+            coords = " ".join(
+                f"{i} {round(x * MOLMO2_SCALE):03d} {round(y * MOLMO2_SCALE):03d}"
+                for i, (x, y) in enumerate(centres, 1)
+            )
+            tags.append(f'<points coords="1 {coords}">{label}</points>')
+        return " ".join(tags)

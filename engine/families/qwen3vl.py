@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from PIL import Image as PILImage
 
+from engine.boxes import Box
 from engine.families.base import Family
-from engine.grounding import Grounding, parse_qwen_grounding
+from engine.grounding import QWEN_SCALE, Grounding, parse_qwen_grounding
 from engine.imaging import prepare_qwen_image
 from runtimes.base import Image, ImageInput, Segment, Text
 
@@ -47,3 +51,10 @@ class Qwen3VLFamily(Family):
 
     def parse_grounding(self, text: str, point_box_size: float = 0.1) -> Grounding:
         return parse_qwen_grounding(text, point_box_size=point_box_size)
+
+    def grounding_target(self, boxes: Sequence[Box]) -> str:
+        # integers on the 0-1000 grid, as the released model writes them (no code fence: shorter targets)
+        entries = [
+            {"bbox_2d": [round(c * QWEN_SCALE) for c in box.as_list()], "label": box.label} for box in boxes
+        ]
+        return json.dumps(entries)

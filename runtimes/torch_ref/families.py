@@ -59,6 +59,24 @@ class TorchFamily(ABC):
     def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
         """position_ids of one decoding step for n sequences of `length` tokens (rope at next_position)."""
 
+    def batch_inputs(self, prompts: Sequence[TokenizedPrompt]) -> dict[str, Any]:
+        """HF forward kwargs for whole sequences at once, input_ids and attention_mask included (training).
+
+        One sequence is any family's forward_inputs; a family that can pad several into one batch overrides
+        this (and sets `batches_sequences`), the others are trained one sequence per forward.
+        """
+        if len(prompts) != 1:
+            raise ValueError(f"{type(self).__name__} trains one sequence per forward, got {len(prompts)}")
+        (prompt,) = prompts
+        ids = torch.tensor([prompt.token_ids])
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            **self.forward_inputs(prompt, 0, ()),
+        }
+
+    batches_sequences: ClassVar[bool] = False  # batch_inputs takes several sequences
+
 
 def torch_family_for(config: dict, tokenizer: Tokenizer, model_dir: Path) -> TorchFamily:
     architecture = (config.get("architectures") or ["?"])[0]

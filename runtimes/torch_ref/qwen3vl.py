@@ -17,6 +17,7 @@ from runtimes.torch_ref.families import TorchFamily
 
 class Qwen3VLTorch(TorchFamily):
     architectures = ("Qwen3VLForConditionalGeneration",)
+    batches_sequences = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,3 +46,22 @@ class Qwen3VLTorch(TorchFamily):
     def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
         rope = torch.from_numpy(mrope.decode_positions(next_position, 1))[:, None, :].expand(3, n, 1)
         return torch.cat([torch.full((1, n, 1), length), rope], dim=0)  # [4, n, 1]
+
+    def batch_inputs(self, prompts: Sequence[TokenizedPrompt]) -> dict[str, Any]:
+        """Sequences padded on the right to one length; every image's patches concatenated in order."""
+        length = max(len(p.token_ids) for p in prompts)
+        ids = torch.zeros((len(prompts), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        positions = torch.zeros((4, len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            n = len(prompt.token_ids)
+            ids[row, :n] = torch.tensor(prompt.token_ids)
+            mask[row, :n] = 1
+            positions[0, row, :n] = torch.arange(n)
+            positions[1:, row, :n] = torch.from_numpy(prompt.positions)
+        images = [image for prompt in prompts for image in prompt.images]
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if images:
+            kwargs["pixel_values"] = torch.from_numpy(np.concatenate([im.pixel_values for im in images]))
+            kwargs["image_grid_thw"] = torch.tensor([im.grid_thw for im in images])
+        return kwargs

@@ -58,7 +58,7 @@ def test_json_prints_exactly_the_contract(capsys, demo_args, image_path, tmp_pat
                  "--save-viz", str(viz)])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"answer", "regions", "stages"}
+    assert set(result) == {"answer", "regions", "crops", "stages"}
     assert isinstance(result["answer"], str)
     for region in result["regions"]:
         assert set(region) == {"box", "score"} and len(region["box"]) == 4
@@ -72,6 +72,7 @@ def test_json_prints_exactly_the_contract(capsys, demo_args, image_path, tmp_pat
             "reused_tokens",
             "generated_tokens",
             "visual_tokens",
+            "visual_tokens_computed",
             "ms",
         }
     perceive, reason = result["stages"][0], result["stages"][3]

@@ -77,6 +77,17 @@ def test_prefix_computed_once_and_reused_by_rollouts_and_reason(scripted_runtime
     assert perceive.reused_tokens == 3 * (prefix + suffix)  # 3 forks reuse the whole prompt
 
 
+def test_visual_tokens_computed_are_the_image_tokens_run_through_the_model(scripted_runtime, image):
+    result = Pipeline(spec(rollouts=4), scripted_runtime([CAT] * 4)).run(image, "q")
+    perceive, crop, reason = result.stages[0], result.stages[2], result.stages[3]
+    assert perceive.visual_tokens_computed == perceive.visual_tokens  # the view, once for 4 rollouts
+    assert crop.visual_tokens > 0 and crop.visual_tokens_computed == 0  # crops are only prepared here
+    assert reason.visual_tokens_computed == crop.visual_tokens  # the view's KV reused: only crops computed
+    naive = Pipeline(spec(rollouts=4, reuse=False), scripted_runtime([CAT] * 4)).run(image, "q")
+    assert naive.stages[0].visual_tokens_computed == 4 * perceive.visual_tokens
+    assert naive.stages[3].visual_tokens_computed == reason.visual_tokens
+
+
 def test_no_reuse_prefills_every_rollout(scripted_runtime, image):
     runtime = scripted_runtime([CAT] * 4)
     result = Pipeline(spec(rollouts=4, reuse=False), runtime).run(image, "q")

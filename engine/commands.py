@@ -1,0 +1,44 @@
+"""Subcommands whose code loads lazily: the CLI adds their arguments without importing what they need.
+
+A `Command` names its help line, a torch-free function adding its arguments (so `--help` works on a
+device install) and the "module:function" that runs it, imported only when the command is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: str  # "module:function", called with the parsed arguments; returns what to print
+    extra: str = "export"  # the pip extra that installs what `run` imports
+
+
+def add_commands(parent: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
+    for name, command in commands.items():
+        parser = parent.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(parser)
+
+
+def run_command(command: Command, args: argparse.Namespace) -> object:
+    module_name, function = command.run.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(
+            f"this command needs {error.name}: pip install 'sparc-engine[{command.extra}]'"
+        ) from error
+    return getattr(module, function)(args)

@@ -1,0 +1,111 @@
+"""train/demo.py: the recipe runs end to end, is reproducible, and trains on what the engine renders;
+the committed demo model answers the shipped sample right."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.boxes import Box
+from engine.cropping import PixelBox
+from engine.spec import CropSpec, load_spec
+from evals.synth import render, sample_scene
+from train.demo import STEP_SLOTS, DemoData, open_checkpoint
+from train.examples import END_OF_TURN
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_SPEC = ROOT / "specs" / "demo.yaml"
+DEMO_MODEL = ROOT / "checkpoints" / "demo-qwen3vl"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train(out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "engine.cli", "train", "demo", "--out", str(out), "--steps", "2",
+               "--lora-steps", "2", "--lora-rows", "4", "--threads", "1"]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
+    first, second = _train(tmp_path / "a"), _train(tmp_path / "b")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    for name in ("model.safetensors", "perception-lora/adapter_model.safetensors"):
+        assert _sha256(tmp_path / "a" / name) == _sha256(tmp_path / "b" / name), name
+    assert (tmp_path / "a" / "training.png").is_file()
+    assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
+
+
+@pytest.fixture(scope="module")
+def demo_data(tiny_qwen3vl: Path) -> DemoData:
+    family, torch_family = open_checkpoint(tiny_qwen3vl)
+    return DemoData(family, torch_family, load_spec(DEMO_SPEC).stage(CropSpec), seed=5)
+
+
+def test_a_step_is_the_fixed_mix_and_deterministic(demo_data: DemoData) -> None:
+    batch, again = demo_data.step(3), demo_data.step(3)
+    assert len(batch) == 2 * len(STEP_SLOTS)
+    assert [s.prompt.token_ids for s in batch] == [s.prompt.token_ids for s in again]
+    assert [s.prompt.token_ids for s in batch] != [s.prompt.token_ids for s in demo_data.step(4)]
+
+
+def test_perceive_targets_are_the_family_grounding_of_the_target(demo_data: DemoData) -> None:
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng, 1024, 768, 5, kind="shape")
+    sequence = demo_data.sequence(STEP_SLOTS[0][0], scene, render(scene), rng)
+    tokenizer = demo_data.torch_family.tokenizer
+    target = tokenizer.decode(sequence.prompt.token_ids[-sequence.n_target :], skip_special_tokens=False)
+    grounding = demo_data.family.parse_grounding(target.removesuffix(END_OF_TURN))
+    x1, y1, x2, y2 = scene.objects[0].box
+    (box,) = grounding.boxes
+    assert box.label == scene.label
+    assert box.iou(Box(x1 / 1024, y1 / 768, x2 / 1024, y2 / 768)) > 0.9  # 0-1000 integers round a little
+
+
+def test_reason_crops_follow_the_spec_and_mostly_hold_the_target(demo_data: DemoData) -> None:
+    rng = np.random.default_rng(1)
+    crop = demo_data.crop
+    holding = 0
+    for size in ((1024, 768), (2048, 2048), (4096, 3072)) * 40:
+        scene = sample_scene(rng, *size, 5)
+        boxes = demo_data.crop_boxes(scene, rng)
+        assert 1 <= len(boxes) <= crop.max_crops
+        assert all(min(b.width, b.height) >= round(crop.min_fraction * max(size)) for b in boxes)
+        target = PixelBox(*scene.objects[0].box)
+        holding += any(b.contains(target) for b in boxes)
+    # the simulation misses on purpose (10%) and by jitter now and then; most crops hold the target
+    assert 0.75 <= holding / 120 <= 0.97
+
+
+def test_committed_demo_model_answers_the_sample(tmp_path: Path) -> None:
+    """What `make demo` shows: the committed checkpoint, exported to ONNX, answers the spec's example."""
+    bundle = tmp_path / "bundle"
+    export = [sys.executable, "-m", "engine.cli", "export", "onnx", "--model", str(DEMO_MODEL),
+              "--perception-lora", str(DEMO_MODEL / "perception-lora"), "--out", str(bundle)]  # fmt: skip
+    assert subprocess.run(export, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    run = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "run",
+        str(DEMO_SPEC),
+        "--set",
+        f"model.bundle={bundle}",
+        "--json",
+    ]
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["answer"] == "cross"  # examples/shapes.png: the green object is a cross
+    (x1, y1, x2, y2) = (1435, 262, 1493, 320)  # its pixels (evals.synth, seed 2026)
+    assert any(r["box"][0] <= x2 and r["box"][2] >= x1 and r["box"][1] <= y2 and r["box"][3] >= y1
+               for r in result["regions"])  # fmt: skip

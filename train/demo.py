@@ -1,0 +1,244 @@
+"""`sparc-engine train demo`: the embedded demo model, a small Qwen3-VL trained from scratch on shapes.
+
+The model is the real architecture at a few million parameters (export/tiny.py builds it), trained on
+scenes of the synthetic benchmark (evals/synth.py) with the engine's own prompts and numpy pixels
+(train/examples.py). Every step is a fixed mix of three kinds of sequences:
+
+  perceive  the view at 256 or 512 px + the family's localization prompt -> the target's bbox_2d JSON
+  reason    the view + crops planned by the demo spec's crop stage around a jittered target box
+            (sometimes with a distractor's crop, sometimes missing the target) -> the answer
+  view      the view alone at 256, 512 or full resolution (the baselines) -> the answer
+
+Then `train perception-lora` fits the perception variant on a synthetic training set. Scenes are drawn
+from (seed, step), so the same seed gives the same checkpoint on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from tokenizers import Tokenizer
+from transformers import AutoModelForImageTextToText
+
+from engine.boxes import Box
+from engine.cropping import PixelBox, crop_image, plan_crops
+from engine.families import Family, family_for
+from engine.spec import CropSpec, load_spec
+from evals.synth import Scene, render, sample_scene
+from export.tiny import TinyQwen3VLSizes, build_tiny_qwen3vl
+from runtimes.base import ImageInput
+from runtimes.torch_ref.checkpoint import read_json
+from runtimes.torch_ref.families import TorchFamily, torch_family_for
+from train.examples import TrainingSequence, collate, encode, perceive_segments, reason_segments
+from train.loop import Curve, Schedule, fit
+from train.report import write_training_report
+
+# About 4.4M parameters. The processor caps images at 1024x1024 px (1024 visual tokens), which makes
+# `resolution: full` the 1024-token baseline and keeps its vision attention affordable on a CPU.
+DEMO_SIZES = TinyQwen3VLSizes(
+    vision_depth=4,
+    vision_hidden=128,
+    vision_heads=4,
+    vision_intermediate=256,
+    num_position_embeddings=256,  # a learned 16x16 grid, resampled to each image
+    deepstack_visual_indexes=(1,),
+    text_layers=4,
+    text_hidden=256,
+    text_heads=8,
+    text_kv_heads=4,
+    head_dim=32,
+    text_intermediate=512,
+    init_std=0.02,
+    max_pixels=1024 * 1024,
+)
+# Scene sizes drawn for training: square and not, up to 4096 px (the eval's 1024, 2048 and 4096).
+TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (4096, 3072))
+OBJECTS = (3, 8)  # per scene, the target included: the synth default
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One sequence of every step's batch: what it trains and at which view resolution (None: full)."""
+
+    task: str  # perceive | reason | view
+    resolution: int | None
+
+
+# Two slots per scene (a scene is rendered once for both). Perceive and reason dominate: they are SPARC;
+# the view-only slots train the baselines the eval compares against.
+STEP_SLOTS: tuple[tuple[Slot, Slot], ...] = (
+    (Slot("perceive", 256), Slot("reason", 256)),
+    (Slot("perceive", 256), Slot("reason", 256)),
+    (Slot("perceive", 256), Slot("reason", 256)),
+    (Slot("perceive", 256), Slot("view", 256)),
+    (Slot("perceive", 512), Slot("reason", 512)),
+    (Slot("perceive", 256), Slot("view", 512)),
+    (Slot("perceive", 512), Slot("view", None)),
+    (Slot("reason", 256), Slot("view", 256)),
+)
+BATCH = 2 * len(STEP_SLOTS)
+
+
+@dataclass(frozen=True)
+class CropSimulation:
+    """How the reason slots imitate the perceive stage's output before the crop stage plans crops."""
+
+    center_std: float = 0.012  # normalized: the localization error of a trained perceive stage
+    size_log_std: float = 0.3  # predicted box size, log-normal around the true size
+    extra_distractor: float = 0.25  # probability of a second crop, on another object
+    miss: float = 0.1  # probability that the only crop is on another object
+
+
+class DemoData:
+    """Deterministic training sequences: step s of seed k is always the same batch."""
+
+    def __init__(self, family: Family, torch_family: TorchFamily, crop: CropSpec, seed: int) -> None:
+        self.family, self.torch_family, self.crop, self.seed = family, torch_family, crop, seed
+        self.simulation = CropSimulation()
+
+    def step(self, step: int) -> list[TrainingSequence]:
+        rng = np.random.default_rng([self.seed, step])
+        sequences = []
+        for pair_index, pair in enumerate(STEP_SLOTS):
+            width, height = TRAIN_SIZES[rng.integers(len(TRAIN_SIZES))]
+            kind = ("shape", "color")[(step + pair_index) % 2]
+            scene = sample_scene(rng, width, height, int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)), kind=kind)
+            image = render(scene)
+            sequences += [self.sequence(slot, scene, image, rng) for slot in pair]
+        return sequences
+
+    def sequence(
+        self, slot: Slot, scene: Scene, image: PILImage.Image, rng: np.random.Generator
+    ) -> TrainingSequence:
+        family = self.family
+        view = family.prepare_image(image, slot.resolution, "view")
+        if slot.task == "perceive":
+            segments = perceive_segments(family, family.perceive_prompt, scene.question, view)
+            target_box = Box(*_normalized(scene.objects[0].box, scene), label=scene.label)
+            return encode(self.torch_family, segments, family.grounding_target([target_box]))
+        crops = self.crops(scene, image, rng) if slot.task == "reason" else []
+        segments = reason_segments(family, family.reason_prompt, scene.question, view, crops)
+        return encode(self.torch_family, segments, scene.answer)
+
+    def crops(self, scene: Scene, image: PILImage.Image, rng: np.random.Generator) -> list[ImageInput]:
+        resolution = self.crop.resolution
+        return [
+            self.family.prepare_image(crop_image(image, box), resolution, "crop")
+            for box in self.crop_boxes(scene, rng)
+        ]
+
+    def crop_boxes(self, scene: Scene, rng: np.random.Generator) -> list[PixelBox]:
+        """The crop stage's plan (spec padding, min side, max crops) around simulated perceive boxes."""
+        sim, crop = self.simulation, self.crop
+        others = list(range(1, len(scene.objects)))
+        chosen = [0]
+        if others and rng.random() < sim.miss:
+            chosen = [int(rng.choice(others))]
+        elif others and rng.random() < sim.extra_distractor:
+            chosen = [0, int(rng.choice(others))] if rng.random() < 0.5 else [int(rng.choice(others)), 0]
+        boxes = [self.predicted(scene, index, rng) for index in chosen]
+        min_side = max(crop.min_side, round(crop.min_fraction * max(scene.width, scene.height)))
+        return plan_crops(
+            boxes,
+            scene.width,
+            scene.height,
+            padding=crop.padding,
+            min_side=min_side,
+            max_crops=crop.max_crops,
+        )
+
+    def predicted(self, scene: Scene, index: int, rng: np.random.Generator) -> Box:
+        x1, y1, x2, y2 = _normalized(scene.objects[index].box, scene)
+        cx, cy = np.array([(x1 + x2) / 2, (y1 + y2) / 2]) + rng.normal(0, self.simulation.center_std, 2)
+        scale = float(np.exp(rng.normal(0, self.simulation.size_log_std)))
+        half_w, half_h = (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
+        return Box.from_corners(cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+
+
+def _normalized(box: tuple[int, int, int, int], scene: Scene) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = box
+    return x1 / scene.width, y1 / scene.height, x2 / scene.width, y2 / scene.height
+
+
+def open_checkpoint(model_dir: Path) -> tuple[Family, TorchFamily]:
+    config = read_json(model_dir / "config.json")
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    torch_family = torch_family_for(config, tokenizer, model_dir)
+    return family_for(config["architectures"][0], torch_family.image_config()), torch_family
+
+
+def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path) -> Curve:
+    """Build the checkpoint with random weights, train it, and save it in place."""
+    build_tiny_qwen3vl(out, seed=seed, sizes=DEMO_SIZES)
+    family, torch_family = open_checkpoint(out)
+    crop = load_spec(spec).stage(CropSpec)
+    if crop is None:
+        raise ValueError(
+            f"{spec}: the demo trains its reason stage on the spec's crops; it has no crop stage"
+        )
+    data = DemoData(family, torch_family, crop, seed)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    curve = fit(
+        model,
+        lambda step: [collate(torch_family, data.step(step))],
+        Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1)),
+        description="demo model",
+    )
+    model.save_pretrained(out)
+    return curve
+
+
+def train_demo_command(args: argparse.Namespace) -> str:
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    start = time.perf_counter()
+    base_curve = train_base(out, seed=args.seed, steps=args.steps, lr=args.lr, spec=args.spec)
+    base_seconds = time.perf_counter() - start
+    lora_seconds, lora_curve = _train_lora(out, args)
+    write_training_report(
+        out,
+        {
+            "options": {
+                k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"
+            },
+            "sizes": asdict(DEMO_SIZES),
+            "slots": [[asdict(slot) for slot in pair] for pair in STEP_SLOTS],
+            "base_seconds": round(base_seconds, 1),
+            "lora_seconds": round(lora_seconds, 1),
+            "base_loss": base_curve.losses,
+            "lora_loss": lora_curve.losses,
+        },
+        {"base model": base_curve, "perception LoRA": lora_curve},
+    )
+    return (
+        f"trained {out} in {base_seconds / 60:.1f} min (loss {base_curve.smoothed()[-1]:.3f}) and "
+        f"{out / 'perception-lora'} in {lora_seconds / 60:.1f} min; curves in {out / 'training.png'}"
+    )
+
+
+def _train_lora(out: Path, args: argparse.Namespace) -> tuple[float, Curve]:
+    from evals.synth import write_dataset
+    from train.lora import LoraOptions, train_perception_lora
+
+    start = time.perf_counter()
+    data = out / "lora-data"
+    rows = write_dataset(
+        data,
+        args.lora_rows,
+        seed=args.seed + 1,
+        sizes=list(TRAIN_SIZES),
+        objects=OBJECTS,
+        object_size=(0.01, 0.03),
+    )
+    options = LoraOptions(steps=args.lora_steps, batch_size=args.batch_size, seed=args.seed)
+    curve = train_perception_lora(out, rows, out / "perception-lora", options)
+    shutil.rmtree(data)
+    return time.perf_counter() - start, curve
