@@ -9,9 +9,8 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= export,onnx,llama,eval,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-# The demo model is committed (trained by `sparc-engine train demo`); its ONNX bundle is derived from it.
-DEMO_MODEL := checkpoints/demo-qwen3vl
-DEMO_BUNDLE := models/demo-qwen3vl-onnx
+DEMO_MODEL := models/tiny-qwen3vl
+DEMO_BUNDLE := models/tiny-qwen3vl-onnx
 
 .PHONY: demo test lint clean
 
@@ -22,12 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(DEMO_BUNDLE)/manifest.yaml
+demo: $(STAMP)
+	$(BIN)/sparc-engine export tiny --out $(DEMO_MODEL)
+	test -f $(DEMO_BUNDLE)/manifest.yaml || $(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --out $(DEMO_BUNDLE)
 	$(BIN)/sparc-engine run specs/demo.yaml --save-viz out/demo.png
-
-# re-exported whenever the committed weights change
-$(DEMO_BUNDLE)/manifest.yaml: $(STAMP) $(DEMO_MODEL)/model.safetensors $(DEMO_MODEL)/perception-lora/adapter_model.safetensors
-	$(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --perception-lora $(DEMO_MODEL)/perception-lora --out $(DEMO_BUNDLE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.commands import Command, add_commands, run_command
+from engine.commands import Command, add_commands, add_overrides_argument, run_command
 from engine.errors import SpecError, UserError
 from engine.spec import Spec, load_spec
 from evals import DATA_COMMANDS, EVAL_COMMANDS
@@ -38,13 +38,8 @@ GROUPS: dict[str, tuple[str, dict[str, Command]]] = {
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="pipeline spec (YAML), e.g. specs/demo.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a spec value, e.g. --set model.runtime=torch_ref --set stages.0.perceive.rollouts=4",
+    add_overrides_argument(
+        parser, "override a spec value, e.g. --set model.runtime=torch_ref --set stages.0.perceive.rollouts=4"
     )
 
 

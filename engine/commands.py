@@ -22,6 +22,13 @@ class Command:
     extra: str = "export"  # the pip extra that installs what `run` imports
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY.PATH=VALUE`, repeatable: spec overrides (engine.spec.apply_overrides)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=help_text
+    )
+
+
 def add_commands(parent: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
     for name, command in commands.items():
         parser = parent.add_parser(

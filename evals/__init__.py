@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.commands import Command
+from engine.commands import Command, add_overrides_argument
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,14 +42,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", type=Path, required=True, metavar="IN.jsonl", help="rows with ground-truth answers"
     )
     parser.add_argument("--out", type=Path, required=True, help="report directory; a rerun resumes")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a value in every spec, e.g. --set model.runtime=torch_ref",
-    )
+    add_overrides_argument(parser, "override a value in every spec, e.g. --set model.runtime=torch_ref")
     parser.add_argument(
         "--by",
         default="category,long_side",

@@ -69,6 +69,8 @@ class TinyQwen3VLSizes:
     max_position_embeddings: int = 4096
     vocab_multiple: int = 64  # embedding rows = tokenizer size rounded up to this
     max_pixels: int = 16_777_216  # pixel area the image processor resizes down to at most [16_777_216]
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # pixels become (x / 255 - mean) / std [0.5]
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # [0.5]
     # Standard deviation of the random init. Larger than the usual 0.02 so logits spread wide (std ~0.9)
     # and greedy winners lead by absolute margins (>= ~4e-3 on the test prompt) well above the ~3e-4
     # rounding differences between runtimes; the test checks the margin stays above 1e-3.
@@ -195,8 +197,8 @@ def _image_processor_config(sizes: TinyQwen3VLSizes) -> dict:
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
+        "image_mean": list(sizes.image_mean),
+        "image_std": list(sizes.image_std),
         # PIXEL AREAS, not edge lengths (transformers' naming): images are resized, keeping their aspect,
         # to sides that are multiples of 32 px with an area in [32*32, 4096*4096]. The real checkpoint's
         # minimum upscales small images; this one leaves them as they are (down to one token).

@@ -38,6 +38,10 @@ def _lora_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--prompt",
+        help="the perceive prompt your spec runs (its prompts.perceive, with {question}); default: the family's",
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,11 +56,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spec",
         type=Path,
-        default=Path("specs/demo.yaml"),
+        default=Path("specs/demo/sparc-wbf8.yaml"),
         help="the spec whose crop stage the reason stage is trained on (train with the crops you run)",
     )
     parser.add_argument("--lora-steps", type=int, default=300, help="optimizer steps of the perception LoRA")
     parser.add_argument("--lora-rows", type=int, default=400, help="synthetic rows the LoRA trains on")
+    parser.add_argument("--save-every", type=int, default=500, help="save the weights every N steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 

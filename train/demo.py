@@ -16,8 +16,10 @@ from (seed, step), so the same seed gives the same checkpoint on the same machin
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,14 +31,15 @@ from transformers import AutoModelForImageTextToText
 
 from engine.boxes import Box
 from engine.cropping import PixelBox, crop_image, plan_crops
+from engine.errors import UserError
 from engine.families import Family, family_for
-from engine.spec import CropSpec, load_spec
+from engine.spec import CropSpec, Spec, load_spec
 from evals.synth import Scene, render, sample_scene
-from export.tiny import TinyQwen3VLSizes, build_tiny_qwen3vl
+from export.tiny import COMPLETE_MARKER, TinyQwen3VLSizes, build_tiny_qwen3vl
 from runtimes.base import ImageInput
 from runtimes.torch_ref.checkpoint import read_json
 from runtimes.torch_ref.families import TorchFamily, torch_family_for
-from train.examples import TrainingSequence, collate, encode, perceive_segments, reason_segments
+from train.examples import TrainingSequence, by_length, collate, encode, perceive_segments, reason_segments
 from train.loop import Curve, Schedule, fit
 from train.report import write_training_report
 
@@ -57,10 +60,19 @@ DEMO_SIZES = TinyQwen3VLSizes(
     text_intermediate=512,
     init_std=0.02,
     max_pixels=1024 * 1024,
+    # white pixels become 0: the background adds nothing to the patch embeddings, so the few patches
+    # holding an object stand out from the first step instead of being a 2% ripple on a large constant
+    image_mean=(1.0, 1.0, 1.0),
 )
 # Scene sizes drawn for training: square and not, up to 4096 px (the eval's 1024, 2048 and 4096).
-TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (4096, 3072))
+# 4096-px scenes are left out: rendering them costs more than a training step, and the views and crops the
+# model sees are the same sizes at any scale (the eval checks 4096 px).
+TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (1536, 2048))
 OBJECTS = (3, 8)  # per scene, the target included: the synth default
+OBJECT_SIZE = (0.01, 0.03)  # side / longest image side: the synth default
+# Curriculum: the first quarter of the steps sees fewer, larger objects, where finding the target and
+# reading out its position are learned before the small, crowded scenes of the benchmark.
+EASY_FRACTION, EASY_OBJECTS, EASY_SIZE = 0.25, (1, 4), (0.02, 0.06)
 
 
 @dataclass(frozen=True)
@@ -80,10 +92,13 @@ STEP_SLOTS: tuple[tuple[Slot, Slot], ...] = (
     (Slot("perceive", 256), Slot("view", 256)),
     (Slot("perceive", 512), Slot("reason", 512)),
     (Slot("perceive", 256), Slot("view", 512)),
-    (Slot("perceive", 512), Slot("view", None)),
-    (Slot("reason", 256), Slot("view", 256)),
+    (Slot("perceive", 512), Slot("reason", 256)),
+    (Slot("perceive", 256), Slot("view", 256)),
 )
-BATCH = 2 * len(STEP_SLOTS)
+# A full-resolution view (up to 1024 tokens) costs as much as the rest of a step: one every few steps.
+FULL_VIEW = Slot("view", None)
+FULL_VIEW_EVERY = 4
+MICRO_BATCH_TOKENS = 2600  # padded tokens per forward (see train.examples.by_length)
 
 
 @dataclass(frozen=True)
@@ -99,19 +114,33 @@ class CropSimulation:
 class DemoData:
     """Deterministic training sequences: step s of seed k is always the same batch."""
 
-    def __init__(self, family: Family, torch_family: TorchFamily, crop: CropSpec, seed: int) -> None:
+    def __init__(self, family: Family, torch_family: TorchFamily, spec: Spec, seed: int, steps: int) -> None:
+        crop = spec.stage(CropSpec)
+        if crop is None:
+            raise UserError(
+                "the demo trains its reason stage on the spec's crops; the spec has no crop stage"
+            )
         self.family, self.torch_family, self.crop, self.seed = family, torch_family, crop, seed
+        self.prompts = {
+            "perceive": spec.prompts.perceive or family.perceive_prompt,
+            "reason": spec.prompts.reason or family.reason_prompt,
+        }
+        self.easy_steps = round(EASY_FRACTION * steps)
         self.simulation = CropSimulation()
 
     def step(self, step: int) -> list[TrainingSequence]:
         rng = np.random.default_rng([self.seed, step])
+        objects, size = (EASY_OBJECTS, EASY_SIZE) if step < self.easy_steps else (OBJECTS, OBJECT_SIZE)
         sequences = []
         for pair_index, pair in enumerate(STEP_SLOTS):
             width, height = TRAIN_SIZES[rng.integers(len(TRAIN_SIZES))]
             kind = ("shape", "color")[(step + pair_index) % 2]
-            scene = sample_scene(rng, width, height, int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)), kind=kind)
+            count = int(rng.integers(objects[0], objects[1] + 1))
+            scene = sample_scene(rng, width, height, count, object_size=size, kind=kind)
             image = render(scene)
             sequences += [self.sequence(slot, scene, image, rng) for slot in pair]
+        if step % FULL_VIEW_EVERY == 0:
+            sequences.append(self.sequence(FULL_VIEW, scene, image, rng))
         return sequences
 
     def sequence(
@@ -120,11 +149,11 @@ class DemoData:
         family = self.family
         view = family.prepare_image(image, slot.resolution, "view")
         if slot.task == "perceive":
-            segments = perceive_segments(family, family.perceive_prompt, scene.question, view)
+            segments = perceive_segments(family, self.prompts["perceive"], scene.question, view)
             target_box = Box(*_normalized(scene.objects[0].box, scene), label=scene.label)
             return encode(self.torch_family, segments, family.grounding_target([target_box]))
         crops = self.crops(scene, image, rng) if slot.task == "reason" else []
-        segments = reason_segments(family, family.reason_prompt, scene.question, view, crops)
+        segments = reason_segments(family, self.prompts["reason"], scene.question, view, crops)
         return encode(self.torch_family, segments, scene.answer)
 
     def crops(self, scene: Scene, image: PILImage.Image, rng: np.random.Generator) -> list[ImageInput]:
@@ -174,25 +203,51 @@ def open_checkpoint(model_dir: Path) -> tuple[Family, TorchFamily]:
     return family_for(config["architectures"][0], torch_family.image_config()), torch_family
 
 
-def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path) -> Curve:
-    """Build the checkpoint with random weights, train it, and save it in place."""
+def position_table(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) smooth 2-D sinusoids over the unit square, a few cycles per axis.
+
+    Qwen3-VL resamples this learned table to every image's patch grid, so it says where a patch is as a
+    fraction of the image, exactly the 0-1000 coordinates the model must write. Starting from it, rather
+    than from the usual 0.02-scale noise, the model can read positions out from the first steps.
+    """
+    grid = torch.linspace(0, 1, side)
+    ys, xs = torch.meshgrid(grid, grid, indexing="ij")
+    frequencies = 2.0 ** torch.linspace(-1.0, 2.5, dim // 4)  # 0.5 to 5.7 cycles across the image
+    waves = []
+    for frequency in frequencies:
+        for axis in (xs, ys):
+            waves += [torch.sin(2 * torch.pi * frequency * axis), torch.cos(2 * torch.pi * frequency * axis)]
+    return torch.stack(waves, dim=-1).reshape(side * side, -1)[:, :dim]
+
+
+def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_every: int) -> Curve:
+    """Build the checkpoint with random weights, train it, and save it in place (also every save_every
+    steps, so a killed run leaves its latest weights)."""
     build_tiny_qwen3vl(out, seed=seed, sizes=DEMO_SIZES)
     family, torch_family = open_checkpoint(out)
-    crop = load_spec(spec).stage(CropSpec)
-    if crop is None:
-        raise ValueError(
-            f"{spec}: the demo trains its reason stage on the spec's crops; it has no crop stage"
-        )
-    data = DemoData(family, torch_family, crop, seed)
+    data = DemoData(family, torch_family, load_spec(spec), seed, steps)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    curve = fit(
-        model,
-        lambda step: [collate(torch_family, data.step(step))],
-        Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1)),
-        description="demo model",
-    )
+    table = model.model.visual.pos_embed.weight
+    with torch.no_grad():
+        table.copy_(position_table(math.isqrt(table.shape[0]), table.shape[1]))
+
+    with ThreadPoolExecutor(1) as prefetch:  # the next step's scenes render while this one trains
+        upcoming = {0: prefetch.submit(data.step, 0)}
+
+        def batches(step: int) -> list[dict]:
+            sequences = upcoming.pop(step).result()
+            if step + 1 < steps:
+                upcoming[step + 1] = prefetch.submit(data.step, step + 1)
+            if step and step % save_every == 0:
+                model.save_pretrained(out)
+            return [collate(torch_family, group) for group in by_length(sequences, MICRO_BATCH_TOKENS)]
+
+        schedule = Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1))
+        curve = fit(model, batches, schedule, description="demo model")
     model.save_pretrained(out)
+    # the builder's completion marker records the random weights' checksum: no longer these weights
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)
     return curve
 
 
@@ -200,7 +255,9 @@ def train_demo_command(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     out: Path = args.out
     start = time.perf_counter()
-    base_curve = train_base(out, seed=args.seed, steps=args.steps, lr=args.lr, spec=args.spec)
+    base_curve = train_base(
+        out, seed=args.seed, steps=args.steps, lr=args.lr, spec=args.spec, save_every=args.save_every
+    )
     base_seconds = time.perf_counter() - start
     lora_seconds, lora_curve = _train_lora(out, args)
     write_training_report(
@@ -236,9 +293,11 @@ def _train_lora(out: Path, args: argparse.Namespace) -> tuple[float, Curve]:
         seed=args.seed + 1,
         sizes=list(TRAIN_SIZES),
         objects=OBJECTS,
-        object_size=(0.01, 0.03),
+        object_size=OBJECT_SIZE,
     )
-    options = LoraOptions(steps=args.lora_steps, batch_size=args.batch_size, seed=args.seed)
+    options = LoraOptions(
+        steps=args.lora_steps, batch_size=8, seed=args.seed, prompt=load_spec(args.spec).prompts.perceive
+    )
     curve = train_perception_lora(out, rows, out / "perception-lora", options)
     shutil.rmtree(data)
     return time.perf_counter() - start, curve

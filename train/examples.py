@@ -55,3 +55,16 @@ def collate(torch_family: TorchFamily, sequences: Sequence[TrainingSequence]) ->
         end = len(sequence.prompt.token_ids)
         labels[row, end - sequence.n_target : end] = kwargs["input_ids"][row, end - sequence.n_target : end]
     return {**kwargs, "labels": labels}
+
+
+def by_length(sequences: Sequence[TrainingSequence], max_tokens: int) -> list[list[TrainingSequence]]:
+    """Micro-batches of similar lengths, each padding to at most max_tokens (one long sequence, e.g. a
+    full-resolution view, would otherwise pad every short one to its length)."""
+    groups: list[list[TrainingSequence]] = []
+    for sequence in sorted(sequences, key=lambda s: len(s.prompt.token_ids)):
+        length = len(sequence.prompt.token_ids)  # the longest so far: the list is sorted
+        if groups and length * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(sequence)
+        else:
+            groups.append([sequence])
+    return groups

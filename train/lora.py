@@ -59,6 +59,7 @@ class LoraOptions:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # text-decoder module names
     seed: int = 0  # LoRA init and batch order: the same seed gives the same adapter on one machine
     device: str = "auto"  # auto | cpu | cuda
+    prompt: str | None = None  # the perceive stage's prompt ({question} inside); None: the family's own
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def train_perception_lora(model_dir: Path, dataset: Path, out: Path, options: Lo
     device = pick_device(options.device)
     family, torch_family = checkpoint_families(model_dir)
     architecture = torch_family.config["architectures"][0]
-    examples = load_examples(family, torch_family, read_rows(dataset), options.resolutions)
+    prompt = options.prompt or family.perceive_prompt
+    examples = load_examples(family, torch_family, read_rows(dataset), options.resolutions, prompt)
 
     torch.manual_seed(options.seed)  # peft draws the LoRA A matrices from torch's global generator
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
@@ -137,7 +139,11 @@ def checkpoint_families(model_dir: Path) -> tuple[Family, TorchFamily]:
 
 
 def load_examples(
-    family: Family, torch_family: TorchFamily, rows: Sequence[Row], resolutions: Sequence[int | None]
+    family: Family,
+    torch_family: TorchFamily,
+    rows: Sequence[Row],
+    resolutions: Sequence[int | None],
+    prompt: str,
 ) -> Examples:
     """Every row with boxes, rendered at every resolution: prompt + grounding target, tokenized."""
     with_boxes = [row for row in rows if row.extra.get("boxes")]
@@ -149,7 +155,7 @@ def load_examples(
         target = family.grounding_target(row_boxes(row, *image.size))
         for resolution in resolutions:
             view = family.prepare_image(image, resolution, row.id)
-            segments = perceive_segments(family, family.perceive_prompt, row.question, view)
+            segments = perceive_segments(family, prompt, row.question, view)
             sequences.append(encode(torch_family, segments, target))
     return Examples(sequences, len(with_boxes), len(rows) - len(with_boxes))
 
@@ -216,7 +222,10 @@ def train_lora_command(args: argparse.Namespace) -> str:
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         seed=args.seed,
         device=args.device,
+        prompt=args.prompt,
     )
+    if options.prompt is not None and "{question}" not in options.prompt:
+        raise UserError("--prompt must contain the placeholder {question}")
     if not options.targets:
         raise UserError("--targets: name at least one module, e.g. q_proj,v_proj")
     curve = train_perception_lora(args.model, args.dataset, args.out, options)

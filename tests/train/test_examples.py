@@ -13,16 +13,6 @@ from tests.support import picture
 from train.examples import END_OF_TURN, IGNORE, collate, encode, perceive_segments
 from train.lora import checkpoint_families
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's 2 cores are shared: two threads contending with another job run ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 QUESTION = "where is the cup?"
 CUP = Box(0.25, 0.25, 0.75, 0.5, "cup")
 

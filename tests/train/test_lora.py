@@ -32,15 +32,6 @@ CLI = Path(sys.executable).parent / "sparc-engine"
 SMALL = LoraOptions(resolutions=(64,), steps=3, batch_size=2, lr=1e-2, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's 2 cores are shared: two threads contending with another job run ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_rows(folder: Path, n: int, *, boxless: int = 0) -> Path:
     """n rows with made-up boxes on small pictures of different shapes, then `boxless` rows without."""
     folder.mkdir(parents=True, exist_ok=True)
