@@ -1,10 +1,10 @@
-"""`sparc-engine train demo`: the embedded demo model, a small Qwen3-VL trained from scratch on shapes.
+"""`sparc-engine train demo`: the demo model, a small Qwen3-VL trained from scratch on synthetic shapes.
 
 The model is the real architecture at a few million parameters (export/tiny.py builds it), trained on
 scenes of the synthetic benchmark (evals/synth.py) with the engine's own prompts and numpy pixels
 (train/examples.py). Every step is a fixed mix of three kinds of sequences:
 
-  perceive  the view at 256 or 512 px + the family's localization prompt -> the target's bbox_2d JSON
+  perceive  the view at 256 or 512 px + the spec's perceive prompt -> the target's bbox_2d JSON
   reason    the view + crops planned by the demo spec's crop stage around a jittered target box
             (sometimes with a distractor's crop, sometimes missing the target) -> the answer
   view      the view alone at 256, 512 or full resolution (the baselines) -> the answer
@@ -64,8 +64,7 @@ DEMO_SIZES = TinyQwen3VLSizes(
     # holding an object stand out from the first step instead of being a 2% ripple on a large constant
     image_mean=(1.0, 1.0, 1.0),
 )
-# Scene sizes drawn for training: square and not, up to 4096 px (the eval's 1024, 2048 and 4096).
-# 4096-px scenes are left out: rendering them costs more than a training step, and the views and crops the
+# Scene sizes drawn for training, square and not. 4096-px scenes are left out: rendering them costs more than a training step, and the views and crops the
 # model sees are the same sizes at any scale (the eval checks 4096 px).
 TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (1536, 2048))
 OBJECTS = (3, 8)  # per scene, the target included: the synth default
