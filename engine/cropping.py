@@ -2,7 +2,8 @@
 
 Crop rule, per box, each axis on its own:
   1. padding: add `padding` x the box's own width (height) on EACH side;
-  2. grow to at least `min_side` pixels (and at least 1), centred, but never beyond the image side;
+  2. grow to at least `min_side` pixels and `min_fraction` of the image's longest side (and at least 1),
+     centred, but never beyond the image side;
   3. shift, never shrink, to lie inside the image; clamp only if still larger than the image.
 Then crops with IoU >= `merge_iou`, or one inside the other, are replaced by their union until none are left,
 and the list is cut to `max_crops`. Input order is priority order: a merged crop takes the earlier position.
@@ -78,16 +79,20 @@ def plan_crops(
     *,
     padding: float = 0.15,
     min_side: int = 0,
+    min_fraction: float = 0.0,
     max_crops: int | None = None,
     merge_iou: float = 0.7,
 ) -> list[PixelBox]:
     """Crop rectangles for normalized boxes on a width x height image, by the rule in the module docstring."""
     _check_image_size(width, height)
-    if padding < 0 or min_side < 0:
-        raise ValueError(f"padding and min_side must be >= 0, got {padding}, {min_side}")
+    if padding < 0 or min_side < 0 or min_fraction < 0:
+        raise ValueError(
+            f"padding, min_side and min_fraction must be >= 0, got {padding}, {min_side}, {min_fraction}"
+        )
     if max_crops is not None and max_crops < 0:
         raise ValueError(f"max_crops must be >= 0 or None, got {max_crops}")
 
+    min_side = max(min_side, round(min_fraction * max(width, height)))
     crops = []
     for box in boxes:
         pad_x, pad_y = padding * box.width * width, padding * box.height * height  # pixels

@@ -69,10 +69,7 @@ class Pipeline:
                 f"the bundle has no weights variant {', '.join(sorted(missing))!s} named by the spec "
                 f"(it has: {', '.join(runtime.info.variants)})"
             )
-        self.prompts = {
-            "perceive": spec.prompts.perceive or self.family.perceive_prompt,
-            "reason": spec.prompts.reason or self.family.reason_prompt,
-        }
+        self.prompts = spec.prompts.with_defaults(self.family.perceive_prompt, self.family.reason_prompt)
 
     def run(self, image: PILImage.Image, question: str) -> Result:
         ctx = Context(image=image, image_hash=image_content_hash(image), question=question)

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from engine.boxes import Box
+from engine.cropping import PixelBox, plan_crops
 from engine.errors import SpecError
 from engine.fusion import CONF_TYPES
 from runtimes import RUNTIMES
@@ -108,6 +110,18 @@ class CropSpec(StageSpec):
     resolution: Resolution = 512  # longest side each crop is resized to
     max_crops: int = Field(4, ge=0, le=64)
 
+    def plan(self, boxes: Sequence[Box], width: int, height: int) -> list[PixelBox]:
+        """This stage's crops of normalized boxes on a width x height image (engine/cropping.py's rule)."""
+        return plan_crops(
+            boxes,
+            width,
+            height,
+            padding=self.padding,
+            min_side=self.min_side,
+            min_fraction=self.min_fraction,
+            max_crops=self.max_crops,
+        )
+
     _resolution = field_validator("resolution", mode="before")(_check_resolution)
 
 
@@ -130,6 +144,10 @@ STAGE_SPECS: dict[str, type[StageSpec]] = {
 class PromptsSpec(_Strict):
     perceive: str | None = None  # overrides the family's localization prompt; must contain {question}
     reason: str | None = None  # overrides the family's answer prompt; must contain {question}
+
+    def with_defaults(self, perceive: str, reason: str) -> dict[str, str]:
+        """The prompts a pipeline runs: these overrides, else the family's (`perceive`, `reason`)."""
+        return {"perceive": self.perceive or perceive, "reason": self.reason or reason}
 
     @field_validator("perceive", "reason")
     @classmethod

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.cropping import crop_image, plan_crops
+from engine.cropping import crop_image
 from engine.fusion import fuse_rollouts
 from engine.results import StageTrace
 from engine.spec import CropSpec, FuseSpec, PerceiveSpec, ReasonSpec, StageSpec
@@ -84,10 +84,7 @@ def crop(pipeline: Pipeline, stage: CropSpec, index: int, ctx: Context) -> Stage
     trace = StageTrace("crop")
     width, height = ctx.image.size
     boxes = [region.box for region in ctx.regions]
-    min_side = max(stage.min_side, round(stage.min_fraction * max(width, height)))
-    ctx.crops = plan_crops(
-        boxes, width, height, padding=stage.padding, min_side=min_side, max_crops=stage.max_crops
-    )
+    ctx.crops = stage.plan(boxes, width, height)
     for box in ctx.crops:
         crop_key = f"{ctx.image_hash}[{box.x1},{box.y1},{box.x2},{box.y2}]"
         ctx.crop_inputs.append(pipeline.prepare(crop_image(ctx.image, box), stage.resolution, crop_key))

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText
 
 from engine.boxes import Box
-from engine.cropping import PixelBox, crop_image, plan_crops
+from engine.cropping import PixelBox, crop_image
 from engine.errors import UserError
 from engine.families import Family, family_for
 from engine.spec import CropSpec, Spec, load_spec
@@ -120,10 +120,7 @@ class DemoData:
                 "the demo trains its reason stage on the spec's crops; the spec has no crop stage"
             )
         self.family, self.torch_family, self.crop, self.seed = family, torch_family, crop, seed
-        self.prompts = {
-            "perceive": spec.prompts.perceive or family.perceive_prompt,
-            "reason": spec.prompts.reason or family.reason_prompt,
-        }
+        self.prompts = spec.prompts.with_defaults(family.perceive_prompt, family.reason_prompt)
         self.easy_steps = round(EASY_FRACTION * steps)
         self.simulation = CropSimulation()
 
@@ -164,7 +161,7 @@ class DemoData:
 
     def crop_boxes(self, scene: Scene, rng: np.random.Generator) -> list[PixelBox]:
         """The crop stage's plan (spec padding, min side, max crops) around simulated perceive boxes."""
-        sim, crop = self.simulation, self.crop
+        sim = self.simulation
         others = list(range(1, len(scene.objects)))
         chosen = [0]
         if others and rng.random() < sim.miss:
@@ -172,15 +169,7 @@ class DemoData:
         elif others and rng.random() < sim.extra_distractor:
             chosen = [0, int(rng.choice(others))] if rng.random() < 0.5 else [int(rng.choice(others)), 0]
         boxes = [self.predicted(scene, index, rng) for index in chosen]
-        min_side = max(crop.min_side, round(crop.min_fraction * max(scene.width, scene.height)))
-        return plan_crops(
-            boxes,
-            scene.width,
-            scene.height,
-            padding=crop.padding,
-            min_side=min_side,
-            max_crops=crop.max_crops,
-        )
+        return self.crop.plan(boxes, scene.width, scene.height)
 
     def predicted(self, scene: Scene, index: int, rng: np.random.Generator) -> Box:
         x1, y1, x2, y2 = _normalized(scene.objects[index].box, scene)

@@ -126,3 +126,13 @@ def test_fuzz_crops_are_inside_large_enough_distinct_and_cover_every_box(
             assert a.iou(b) < merge_iou and not a.contains(b) and not b.contains(a)
     for box in boxes:
         assert any(crop.contains(to_pixels(box, width, height)) for crop in crops)
+
+
+def test_min_fraction_scales_the_minimum_with_the_image():
+    box = [Box(0.5, 0.5, 0.51, 0.51)]
+    (small,) = plan_crops(box, 1000, 500, padding=0.0, min_side=50, min_fraction=0.1)
+    (large,) = plan_crops(box, 4000, 2000, padding=0.0, min_side=50, min_fraction=0.1)
+    assert (small.width, small.height) == (100, 100)  # a tenth of the longest side, not min_side
+    assert (large.width, large.height) == (400, 400)
+    (pixels,) = plan_crops(box, 1000, 500, padding=0.0, min_side=150, min_fraction=0.1)
+    assert pixels.width == 150  # the larger of the two minimums
