@@ -38,9 +38,9 @@ from PIL import Image as PILImage  # noqa: E402
 from benchmarks.workload import run_benchmark, workload_parser  # noqa: E402
 from engine.families import family_for  # noqa: E402
 from engine.imaging import load_image  # noqa: E402
-from runtimes.base import Sampling  # noqa: E402
 from runtimes.bundle import read_manifest  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
+from runtimes.protocol import Sampling  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

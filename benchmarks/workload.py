@@ -29,7 +29,7 @@ def workload_parser(doc: str, default_bundle: str) -> argparse.ArgumentParser:
 def run_benchmark(main: Callable[[], int]) -> NoReturn:
     """Run a benchmark's main; a missing bundle or image is one line and exit 1, as in the CLI."""
     from engine.errors import UserError
-    from runtimes.base import RuntimeInputError
+    from runtimes.protocol import RuntimeInputError
 
     try:
         sys.exit(main())

@@ -15,7 +15,7 @@ from engine.errors import SpecError, UserError
 from engine.spec import Spec, load_spec
 from evals import DATA_COMMANDS, EVAL_COMMANDS
 from export import EXPORTERS
-from runtimes.base import RuntimeInputError
+from runtimes.protocol import RuntimeInputError
 from train import TRAINERS
 
 EPILOG = """examples:

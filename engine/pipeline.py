@@ -27,7 +27,7 @@ from engine.results import RegionResult, Result, StageTrace
 from engine.spec import Spec
 from engine.stages import run_stage
 from runtimes import open_runtime
-from runtimes.base import Generation, Image, ImageInput, Runtime, Sampling, Segment
+from runtimes.protocol import Generation, Image, ImageInput, Runtime, Sampling, Segment
 
 
 @dataclass

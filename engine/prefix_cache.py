@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from runtimes.base import Prefix, Runtime, Segment, segments_key
+from runtimes.protocol import Prefix, Runtime, Segment, segments_key
 
 
 class PrefixCache:

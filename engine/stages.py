@@ -17,7 +17,7 @@ from engine.cropping import crop_image
 from engine.fusion import fuse_rollouts
 from engine.results import StageTrace
 from engine.spec import CropSpec, FuseSpec, PerceiveSpec, ReasonSpec, StageSpec
-from runtimes.base import Sampling
+from runtimes.protocol import Sampling
 
 if TYPE_CHECKING:
     from engine.pipeline import Context, Pipeline

@@ -1,4 +1,4 @@
-"""Runtimes: one module per inference library, all behind the protocol in runtimes/base.py.
+"""Runtimes: one module per inference library, all behind the protocol in runtimes/protocol.py.
 
 The registry names each runtime's module lazily, so opening an ONNX bundle never imports torch.
 """
@@ -9,7 +9,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-from runtimes.base import Runtime, RuntimeInputError
+from runtimes.protocol import Runtime, RuntimeInputError
 
 # name -> (module:class, the extra that installs what it needs)
 RUNTIMES: dict[str, tuple[str, str]] = {

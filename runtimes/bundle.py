@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from runtimes.base import ImageConfig, RuntimeInputError
+from runtimes.protocol import ImageConfig, RuntimeInputError
 
 MANIFEST = "manifest.yaml"
 SCHEMA_VERSION = 1

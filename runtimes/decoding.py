@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from runtimes.base import Generation, Sampling
+from runtimes.protocol import Generation, Sampling
 
 
 class Sampler:

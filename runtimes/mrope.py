@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtimes.base import Image, ImageInput, Prefix, Segment
+from runtimes.protocol import Image, ImageInput, Prefix, Segment
 
 
 @dataclass

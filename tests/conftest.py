@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from runtimes.base import Generation, Image, ImageConfig, ModelInfo, Prefix, Sampling, Segment, Text
+from runtimes.protocol import Generation, Image, ImageConfig, ModelInfo, Prefix, Sampling, Segment, Text
 
 # CI explores the same examples on every run, so a result never depends on the draw; locally they vary.
 settings.register_profile("ci", derandomize=True)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from engine.families.molmo2 import Molmo2Family
-from runtimes.base import Text
+from runtimes.protocol import Text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +110,14 @@ def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
 def assert_two_regions_and_crops_seen(result: dict) -> None:
     perceive, reason = result["stages"][0], result["stages"][-1]
     assert len(result["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]
+
+
+def structured_image(width: int, height: int, seed: int) -> Image.Image:
+    """Gradients, a ripple and noise: every resize and patch-order mistake shows up in the pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    red = 255 * x / max(width - 1, 1)
+    green = 255 * y / max(height - 1, 1)
+    blue = 127.5 + 127.5 * np.sin(x / 7 + y / 11)
+    noisy = np.stack([red, green, blue], axis=-1) + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))

@@ -36,9 +36,9 @@ from engine.families import Family, family_for
 from engine.spec import CropSpec, Spec, load_spec
 from evals.synth import Scene, render, sample_scene
 from export.tiny import COMPLETE_MARKER, TinyQwen3VLSizes, build_tiny_qwen3vl
-from runtimes.base import ImageInput
+from runtimes.protocol import ImageInput
 from runtimes.torch_ref.checkpoint import read_json
-from runtimes.torch_ref.families import TorchFamily, torch_family_for
+from runtimes.torch_ref.family import TorchFamily, torch_family_for
 from train.examples import TrainingSequence, by_length, collate, encode, perceive_segments, reason_segments
 from train.loop import Curve, Schedule, fit
 from train.report import write_training_report

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from engine.families import Family
-from runtimes.base import ImageInput, Segment, Text
 from runtimes.mrope import TokenizedPrompt
-from runtimes.torch_ref.families import TorchFamily
+from runtimes.protocol import ImageInput, Segment, Text
+from runtimes.torch_ref.family import TorchFamily
 
 IGNORE = -100  # label of tokens the loss skips (the prompt, the padding)
 END_OF_TURN = "<|im_end|>"  # what the assistant's turn ends with: generation stops there

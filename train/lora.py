@@ -35,7 +35,7 @@ from engine.errors import UserError
 from engine.families import Family, family_for
 from engine.imaging import load_image
 from runtimes.torch_ref.checkpoint import read_json
-from runtimes.torch_ref.families import TorchFamily, torch_family_for
+from runtimes.torch_ref.family import TorchFamily, torch_family_for
 from runtimes.torch_ref.runtime import pick_device
 from train.examples import TrainingSequence, collate, encode, perceive_segments
 from train.loop import Batch, Curve, Schedule, fit

@@ -9,15 +9,13 @@ from typing import ClassVar
 from PIL import Image as PILImage
 
 from engine.boxes import Box
-from engine.errors import UserError
 from engine.grounding import Grounding
-from runtimes.base import Image, ImageConfig, ImageInput, Segment, Text
+from runtimes.protocol import Image, ImageConfig, ImageInput, Segment, Text
+from runtimes.registry import Registered, Registry
 
-FAMILIES: dict[str, type[Family]] = {}
 
-
-class Family(ABC):
-    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries this family serves
+class Family(Registered, ABC):
+    registry = Registry("engine")
     perceive_prompt: ClassVar[str]  # localization prompt; {question} is the user's question
     reason_prompt: ClassVar[str]  # answer prompt; {question} is the user's question
     chat_header: ClassVar[str] = "<|im_start|>user\n"  # opens the user turn, before the image
@@ -32,11 +30,9 @@ class Family(ABC):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        for required in ("architectures", "perceive_prompt", "reason_prompt"):
+        for required in ("perceive_prompt", "reason_prompt"):
             if not hasattr(cls, required):
                 raise TypeError(f"family {cls.__name__} must define {required}")
-        for architecture in cls.architectures:
-            FAMILIES[architecture] = cls
 
     def __init__(self, image_config: ImageConfig) -> None:
         self.image_config = image_config
@@ -71,8 +67,4 @@ class Family(ABC):
 
 
 def family_for(architecture: str, image_config: ImageConfig) -> Family:
-    if architecture not in FAMILIES:
-        raise UserError(
-            f"model architecture {architecture!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
-        )
-    return FAMILIES[architecture](image_config)
+    return Family.registry.lookup(architecture)(image_config)

@@ -11,19 +11,21 @@ Molmo2's text decoder IS Qwen3 (per-head q/k RMSNorm, default RoPE on every laye
 pre-norm, SiLU gated MLP), so its weights are written here with gguf's writer under Qwen3's tensor names.
 Anything else (another q/k norm, post-norm, biases, rope scaling on some layers only) is refused: llama.cpp
 would run it as Qwen3 and answer wrongly. Image tokens never enter the GGUF by id - the runtime hands
-llama.cpp their embeddings (embed graph + vision features, runtimes/llamacpp_molmo2.py) - so only the
+llama.cpp their embeddings (embed graph + vision features, runtimes/llamacpp/molmo2.py) - so only the
 `vocab_size` text rows (the lm_head's) are written.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import UserError
+from export.gguf.base import GgufFamily, GgufJob, log, quantize, versions
+from runtimes.bundle import MANIFEST, Manifest, write_manifest
 
 ARCHITECTURE = "Molmo2ForConditionalGeneration"
 ROLES = ("vision", "embed")  # the ONNX graphs the runtime runs besides the text GGUF
@@ -141,13 +143,11 @@ def write_text_gguf(
     writer.close()
 
 
-def export_molmo2(
+def write_bundle(
     model_dir: Path,
     out: Path,
     quant: str,
     config: dict,
-    log: Callable[[str], None],
-    quantize: Callable[[Path, Path, str], None],
 ) -> tuple[dict[str, dict[str, str]], dict[str, str], dict]:
     """Write the text GGUF and the vision + embed graphs; returns (variants, files with sha256, manifest
     fields: image, tokens, model)."""
@@ -182,3 +182,44 @@ def export_molmo2(
         "model": family.sizes(),  # sizes, processor layout switches, preprocessing: as the ONNX bundle
     }
     return variants, _checksums(out, variants), fields
+
+
+class Molmo2Gguf(GgufFamily):
+    architectures = (ARCHITECTURE,)
+
+    def export(self, job: GgufJob) -> Path:
+        """The hybrid bundle: text GGUF for llama.cpp, vision and embed graphs in ONNX."""
+        model_dir, out, quant, lora, config = job.model_dir, job.out, job.quant, job.lora, job.config
+        reason = refusal(config)
+        if reason is None and lora is not None:
+            # a merged LoRA may change the vision tower and the embeddings too: a second set of ONNX graphs
+            # and its parity tests are not written yet
+            reason = (
+                "--perception-lora is not supported for Molmo2 yet (export it to ONNX with the LoRA instead)"
+            )
+        if reason is not None:  # before any work: no output directory appears
+            raise UserError(f"{model_dir}: {ARCHITECTURE} cannot be exported to GGUF: {reason}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(
+            missing_ok=True
+        )  # the bundle is incomplete until the manifest is written last
+        shutil.rmtree(out / "base", ignore_errors=True)
+        (out / "base").mkdir()
+        log("[1/3] checking the text decoder: plain Qwen3")
+        variants, files, fields = write_bundle(model_dir, out, quant, config)
+        tools = versions(("sparc-engine", "llama-cpp-python", "gguf", "torch", "transformers", "onnx"))
+        manifest = Manifest(
+            format="gguf",
+            architecture=ARCHITECTURE,
+            source=str(model_dir.resolve()),
+            dtype=quant,
+            image=fields["image"],
+            tokens=fields["tokens"],
+            variants=variants,
+            files=files,
+            tools={**tools, "text_writer": "gguf.GGUFWriter (qwen3)"},
+            model=fields["model"],
+        )
+        write_manifest(out, manifest)
+        log(f"done: {out} (text decoder for llama.cpp, vision and embed graphs for onnxruntime)")
+        return out

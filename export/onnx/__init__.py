@@ -32,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from export.onnx import molmo2, qwen3vl  # noqa: F401  (registers the families)
-from export.onnx.base import ONNX_FAMILIES, Graph, OnnxFamily
-from runtimes.base import RuntimeInputError
+from export.onnx.base import Graph, OnnxFamily
 from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
+from runtimes.protocol import RuntimeInputError
+from runtimes.registry import architecture_of
 
 OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -48,14 +49,11 @@ def export_onnx(args: argparse.Namespace) -> Path:
         raise RuntimeInputError(
             f"{model_dir}: not a Hugging Face checkpoint (needs config.json, tokenizer.json)"
         )
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in ONNX_FAMILIES:
-        raise RuntimeInputError(
-            f"ONNX export does not support {architecture!r} (supported: {', '.join(sorted(ONNX_FAMILIES))})"
-        )
+    architecture = architecture_of(config)
+    family_class = OnnxFamily.registry.lookup(architecture)
     if lora and not (lora / "adapter_config.json").is_file():
         raise RuntimeInputError(f"--perception-lora {lora}: not a PEFT adapter (no adapter_config.json)")
-    family = ONNX_FAMILIES[architecture](config, model_dir)
+    family = family_class(config, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is rewritten
 

@@ -22,11 +22,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from runtimes.base import ImageConfig
-
-# HF architecture name -> family class; filled by OnnxFamily.__init_subclass__, nowhere else.
-ONNX_FAMILIES: dict[str, type[OnnxFamily]] = {}
-
+from runtimes.protocol import ImageConfig
+from runtimes.registry import Registered, Registry
 
 # The example sizes a decoder is traced with: distinct, so no axis is mistaken for another.
 BATCH, LENGTH, PAST = 2, 3, 4
@@ -46,17 +43,10 @@ class Graph:
 DecoderInput = tuple[torch.Tensor, dict[int, str]]  # an example input and its dynamic axes
 
 
-class OnnxFamily(ABC):
-    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries this family exports
+class OnnxFamily(Registered, ABC):
+    registry = Registry("ONNX export")
     # graph roles, in export order; each becomes `<variant>/<role>.onnx`, built by the family's `<role>_graph`
     roles: ClassVar[tuple[str, ...]] = ("vision", "embed", "decoder")
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if not hasattr(cls, "architectures"):
-            raise TypeError(f"ONNX family {cls.__name__} must define architectures")
-        for architecture in cls.architectures:
-            ONNX_FAMILIES[architecture] = cls
 
     def __init__(self, config: dict, model_dir: Path) -> None:
         self.config = config  # the checkpoint's config.json

@@ -16,7 +16,7 @@ decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, pa
 
 The manifest's `model` section carries, besides the sizes, the checkpoint's processor switches
 (`processor`: image_use_col_tokens, use_single_crop_col_tokens, use_single_crop_start_token - the token
-layout runtimes/molmo2_layout.py builds) and its image preprocessing constants (`preprocessing`), which
+layout runtimes/families/molmo2.py builds) and its image preprocessing constants (`preprocessing`), which
 must be the ones the engine implements (the export refuses others, as the reference runtime does). Its
 `image` section is the ImageConfig the reference runtime builds from the same constants.
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
-from runtimes.base import ImageConfig
+from runtimes.protocol import ImageConfig
 from runtimes.torch_ref.molmo2 import (
     SUPPORTED_PREPROCESSING,
     checked_preprocessor_config,
@@ -156,7 +156,7 @@ class Molmo2Onnx(OnnxFamily):
         pre = self.preprocessor
         return {
             **super().sizes(),
-            # a switch left unset (None) means transformers' default, as in runtimes/molmo2_layout.py
+            # a switch left unset (None) means transformers' default, as in runtimes/families/molmo2.py
             "processor": {key: processor.get(key) for key in PROCESSOR_SWITCHES},
             "preprocessing": {key: pre.get(key, SUPPORTED_PREPROCESSING.get(key)) for key in PREPROCESSING},
         }

@@ -6,7 +6,7 @@ but own the glue that does not trace: data-dependent shapes and Python loops ove
 vision   pixel patches + host-computed position tables + per-patch frame ids
          -> merged image embeddings (N/merge², H) and stacked DeepStack features (n_deep, N/merge², H).
          transformers derives the tables from grid_thw with `.tolist()`/`.item()`, which bakes one image
-         size into a traced graph; taking them as inputs (runtimes/qwen3vl_vision.py computes them) gives
+         size into a traced graph; taking them as inputs (runtimes/families/qwen3vl.py computes them) gives
          one graph for every image size. Attention stays inside each frame: a bias built in the graph
          from frame ids (O(N) input, instead of an (N, N) bias from the host or cu_seqlens' split loop).
 embed    input_ids (B, S) -> (B, S, H). A graph rather than a numpy table so that it runs where the
@@ -26,7 +26,7 @@ from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
-from runtimes.base import ImageConfig
+from runtimes.protocol import ImageConfig
 from runtimes.torch_ref import checkpoint_image_config
 
 
@@ -107,7 +107,7 @@ class Qwen3VLOnnx(OnnxFamily):
         self.vision = config["vision_config"]
 
     def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
-        from runtimes.qwen3vl_vision import qwen_vision_tables
+        from runtimes.families.qwen3vl import qwen_vision_tables
 
         # Two images of different non-square grids: nothing about one size can be baked into the trace.
         sizes, merge = self.sizes(), self.vision["spatial_merge_size"]

@@ -4,7 +4,7 @@
 
     bundle/
       manifest.yaml          # format tensorrt; tools.tensorrt and model.{gpu_name, compute_capability,
-                             # platform, profiles}: runtimes/tensorrt_compat.py checks them before loading
+                             # platform, profiles}: runtimes/tensorrt/compat.py checks them before loading
       tokenizer.json
       base/<role>.engine     # one engine per ONNX graph of the source bundle
       perception/<role>.engine
@@ -42,7 +42,7 @@ from export.tensorrt.profiles import (
     workload_from_spec,
 )
 from runtimes.bundle import MANIFEST, Manifest, read_manifest, sha256_file, verify, write_manifest
-from runtimes.tensorrt_compat import platform_tag
+from runtimes.tensorrt.compat import platform_tag
 
 NEEDS_DEVICE = (
     "TensorRT engines must be built on the target device (the GPU that will run them) with the "

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.imaging import fit_to_grid
-from runtimes.base import ImageConfig
+from engine.families.qwen3vl.pixels import fit_to_grid
+from runtimes.protocol import ImageConfig
 
 if TYPE_CHECKING:
     from engine.spec import Spec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtimes.base import ImageConfig
+from runtimes.protocol import ImageConfig
 
 
 def read_json(path: Path) -> dict:

@@ -2,7 +2,7 @@
 of a prefill chunk attending to each other in both directions.
 
 transformers builds that bidirectional block from `mm_token_type_ids` (1 on every image token, see
-runtimes/molmo2_layout.py) whenever a forward adds image features, reading it by ABSOLUTE position: a
+runtimes/families/molmo2.py) whenever a forward adds image features, reading it by ABSOLUTE position: a
 chunk run on top of a cache gets the types of the whole sequence so far. So a prefix holding the image
 is exactly what a one-shot forward computes. Images in a later chunk (the crops of the reason stage)
 attend to each other and to the cached image, but the cached image cannot attend to them: prefix reuse
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from runtimes import molmo2_layout
-from runtimes.base import ImageConfig, RuntimeInputError, Segment
+from runtimes.families import molmo2 as image_layout
 from runtimes.mrope import TokenizedPrompt
-from runtimes.torch_ref.families import TorchFamily
+from runtimes.protocol import ImageConfig, RuntimeInputError, Segment
+from runtimes.torch_ref.family import TorchFamily
 
-# Preprocessing the engine implements (engine/imaging_molmo2.py); a checkpoint asking for other values
+# Preprocessing the engine implements (engine/families/molmo2/pixels.py); a checkpoint asking for other values
 # is refused rather than fed pixels it was not trained on.
 SUPPORTED_PREPROCESSING = {
     "size": {"height": 378, "width": 378},
@@ -71,22 +71,22 @@ class Molmo2Torch(TorchFamily):
         self.image_token_id = self.config["image_patch_id"]  # <im_patch>: features are added to it
         self.preprocessor = checked_preprocessor_config(self.model_dir)
         processor = checkpoint_json(self.model_dir, "processor_config.json")
-        self.layout = molmo2_layout.Layout.from_processor_config(processor)
-        self.vocab = molmo2_layout.image_vocab(self.tokenizer)
+        self.layout = image_layout.Layout.from_processor_config(processor)
+        self.vocab = image_layout.image_vocab(self.tokenizer)
 
     def image_config(self) -> ImageConfig:
         return molmo2_image_config(self.preprocessor)
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
-        return molmo2_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)
+        return image_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)
 
     def forward_inputs(self, prompt: TokenizedPrompt, past: int, history: Sequence[int]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"position_ids": torch.from_numpy(prompt.positions)}
         if not prompt.images:
             return kwargs
-        pixels, pooling, grids = molmo2_layout.stack_images(prompt.images)
+        pixels, pooling, grids = image_layout.stack_images(prompt.images)
         # whole sequence, not just this chunk: transformers indexes it by absolute position
-        types = molmo2_layout.token_types([*history, *prompt.token_ids], self.vocab)
+        types = image_layout.token_types([*history, *prompt.token_ids], self.vocab)
         kwargs.update(
             pixel_values=torch.from_numpy(pixels),
             image_token_pooling=torch.from_numpy(pooling),

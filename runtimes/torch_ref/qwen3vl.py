@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from runtimes import mrope
-from runtimes.base import ImageConfig, Segment
 from runtimes.mrope import TokenizedPrompt
+from runtimes.protocol import ImageConfig, Segment
 from runtimes.torch_ref.checkpoint import checkpoint_image_config
-from runtimes.torch_ref.families import TorchFamily
+from runtimes.torch_ref.family import TorchFamily
 
 
 class Qwen3VLTorch(TorchFamily):

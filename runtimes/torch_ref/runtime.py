@@ -19,11 +19,11 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText, DynamicCache
 from transformers.utils import logging as transformers_logging
 
-from runtimes.base import Generation, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.decoding import decode
 from runtimes.mrope import TokenizedPrompt
+from runtimes.protocol import Generation, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.torch_ref.checkpoint import read_json
-from runtimes.torch_ref.families import torch_family_for
+from runtimes.torch_ref.family import torch_family_for
 
 # a CLI user wants the answer, not weight-loading progress bars and fallback notices
 transformers_logging.set_verbosity_error()

@@ -162,7 +162,7 @@ def test_reference_runtime_reuse_changes_only_the_accounting(tiny_qwen3vl, image
 
 def test_runtime_options_are_checked_against_the_runtime(tiny_qwen3vl):
     from engine.pipeline import open_pipeline
-    from runtimes.base import RuntimeInputError
+    from runtimes.protocol import RuntimeInputError
 
     raw = {"model": {"bundle": str(tiny_qwen3vl), "options": {"n_ctx": 4096}}, "stages": [{"reason": {}}]}
     with pytest.raises(

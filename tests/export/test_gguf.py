@@ -7,8 +7,11 @@ import pytest
 from engine.cli import main
 from engine.errors import UserError
 from export.gguf import export_gguf
-from export.gguf.qwen3vl import QWEN3VL
+from export.gguf.qwen3vl import Qwen3VLGguf
 from runtimes.bundle import read_manifest, verify
+from runtimes.registry import UnregisteredArchitecture
+
+QWEN3VL = Qwen3VLGguf()
 
 
 def test_bundle_lists_every_file_with_its_sha256(tiny_qwen3vl_gguf, tiny_qwen3vl):
@@ -51,7 +54,9 @@ def test_unknown_architecture_is_refused(tmp_path):
     args = type(
         "Args", (), {"model": tmp_path, "out": tmp_path / "o", "quant": "f16", "perception_lora": None}
     )
-    with pytest.raises(UserError, match="no GGUF exporter"):
+    with pytest.raises(
+        UnregisteredArchitecture, match="GGUF export: architecture 'LlavaForConditionalGeneration'"
+    ):
         export_gguf(args)
 
 

@@ -17,9 +17,9 @@ ort = pytest.importorskip("onnxruntime")
 
 
 from export.onnx import export_onnx, gather_external_data  # noqa: E402
-from runtimes.base import RuntimeInputError  # noqa: E402
 from runtimes.bundle import read_manifest, sha256_file, verify  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
+from runtimes.protocol import RuntimeInputError  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime, checkpoint_image_config  # noqa: E402
 from tests.support import picture  # noqa: E402
 
@@ -97,7 +97,7 @@ def test_vision_graph_matches_transformers(onnx_runtime, reference, sizes) -> No
 
 def test_vision_graph_keeps_frames_apart(onnx_runtime, reference) -> None:
     """Several frames (images, or a video's frames) in one run attend only within their frame."""
-    from runtimes.qwen3vl_vision import qwen_vision_tables
+    from runtimes.families.qwen3vl import qwen_vision_tables
 
     grids = [(1, 4, 6), (2, 2, 4), (1, 6, 2)]
     tables = qwen_vision_tables(grids, num_grid_per_side=8, merge_size=2)
@@ -151,7 +151,9 @@ def test_unknown_architectures_are_refused(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (tmp_path / "m" / "tokenizer.json").write_text("{}")
     args = argparse.Namespace(model=tmp_path / "m", out=tmp_path / "b", perception_lora=None, dtype="fp32")
-    with pytest.raises(RuntimeInputError, match="does not support 'LlamaForCausalLM'"):
+    with pytest.raises(
+        RuntimeInputError, match="ONNX export: architecture 'LlamaForCausalLM' is not registered"
+    ):
         export_onnx(args)
 
 

@@ -1,7 +1,7 @@
 """Molmo2 ONNX graphs (export/onnx/molmo2.py) against transformers, run with onnxruntime directly, and the
 bundle `sparc-engine export onnx` writes for it.
 
-A small host loop here does what the runtime does (runtimes/onnx_molmo2.py), graph by graph: embed the
+A small host loop here does what the runtime does (runtimes/onnx/molmo2.py), graph by graph: embed the
 prompt, add the image features at <im_patch> tokens, prefill with the image-token types, decode greedily.
 The runtime itself is tested in tests/runtimes/test_onnx_molmo2.py.
 """
@@ -21,9 +21,9 @@ from PIL import Image as PILImage  # noqa: E402
 
 from engine.cli import main  # noqa: E402
 from engine.families import family_for  # noqa: E402
-from runtimes import molmo2_layout  # noqa: E402
-from runtimes.base import Sampling  # noqa: E402
 from runtimes.bundle import read_manifest, verify  # noqa: E402
+from runtimes.families import molmo2 as image_layout  # noqa: E402
+from runtimes.protocol import Sampling  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
 
 
@@ -73,10 +73,10 @@ def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]
     ids = np.array(prompt.token_ids, dtype=np.int64)
     (embeds,) = graphs["embed"].run(None, {"input_ids": ids[None]})
     if prompt.images:
-        pixels, pooling, _ = molmo2_layout.stack_images(prompt.images)
+        pixels, pooling, _ = image_layout.stack_images(prompt.images)
         (features,) = graphs["vision"].run(None, {"pixel_values": pixels, "image_token_pooling": pooling})
         embeds[0, prompt.image_mask] += features  # Molmo2 adds image features to the <im_patch> embeddings
-    types = molmo2_layout.token_types(ids, runtime.family.vocab)[None]
+    types = image_layout.token_types(ids, runtime.family.vocab)[None]
     past = [np.zeros((1, kv_heads, 0, head_dim), np.float32) for _ in range(2 * layers)]
 
     def run(embeds_chunk, start, types_total):

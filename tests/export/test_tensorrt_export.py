@@ -19,9 +19,9 @@ from engine.cli import main
 from engine.errors import UserError
 from export.tensorrt import NEEDS_DEVICE, plan_precision, size_profiles
 from export.tensorrt.profiles import Workload
-from runtimes.base import ImageConfig
 from runtimes.bundle import Manifest, read_manifest, sha256_file, write_manifest
-from runtimes.tensorrt_compat import check_engine_compatible, platform_tag
+from runtimes.protocol import ImageConfig
+from runtimes.tensorrt.compat import check_engine_compatible, platform_tag
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402

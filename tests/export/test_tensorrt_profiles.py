@@ -16,7 +16,7 @@ from export.tensorrt.profiles import (
     plan_profiles,
     workload_from_spec,
 )
-from runtimes.base import ImageConfig
+from runtimes.protocol import ImageConfig
 
 QWEN = ImageConfig()  # patch 16, merge 2: one token per 32 x 32 px; max_pixels 16,777,216
 MODEL = {"model": {"bundle": "unused"}}

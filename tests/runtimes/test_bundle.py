@@ -1,7 +1,7 @@
 import pytest
 
-from runtimes.base import ImageConfig, RuntimeInputError
 from runtimes.bundle import Manifest, read_manifest, sha256_file, verify, write_manifest
+from runtimes.protocol import ImageConfig, RuntimeInputError
 
 
 @pytest.fixture

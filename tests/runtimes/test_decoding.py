@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from runtimes.base import Sampling
 from runtimes.decoding import Sampler, decode
+from runtimes.protocol import Sampling
 
 
 def test_greedy_takes_the_argmax():

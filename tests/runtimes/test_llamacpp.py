@@ -16,8 +16,8 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 from engine.families import family_for  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.spec import validate  # noqa: E402
-from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
+from runtimes.protocol import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
 from tests.support import picture
 

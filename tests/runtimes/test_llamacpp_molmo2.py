@@ -20,8 +20,8 @@ llama_cpp = pytest.importorskip(
 pytest.importorskip("torch")
 
 from engine.families import family_for  # noqa: E402
-from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime  # noqa: E402
+from runtimes.protocol import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
 from tests.support import (  # noqa: E402
     assert_two_regions_and_crops_seen,
@@ -183,19 +183,21 @@ def test_the_hybrid_bundle_lists_its_gguf_and_onnx_files(tiny_molmo2_gguf: Path)
 )
 def test_a_text_decoder_other_than_plain_qwen3_is_refused(tiny_molmo2, tmp_path, change, message):
     from engine.errors import UserError
-    from export.gguf import export_molmo2_gguf
+    from export.gguf.base import GgufJob
+    from export.gguf.molmo2 import Molmo2Gguf
 
     config = json.loads((tiny_molmo2 / "config.json").read_text())
     config["text_config"].update(change)
     with pytest.raises(UserError, match="cannot be exported to GGUF") as refused:
-        export_molmo2_gguf(tiny_molmo2, tmp_path / "out", "f32", None, config)
+        Molmo2Gguf().export(GgufJob(tiny_molmo2, tmp_path / "out", "f32", None, config, None))
     assert message in str(refused.value) and not (tmp_path / "out").exists()
 
 
 def test_a_perception_lora_is_refused_for_molmo2(tiny_molmo2, tmp_path):
     from engine.errors import UserError
-    from export.gguf import export_molmo2_gguf
+    from export.gguf.base import GgufJob
+    from export.gguf.molmo2 import Molmo2Gguf
 
     config = json.loads((tiny_molmo2 / "config.json").read_text())
     with pytest.raises(UserError, match="--perception-lora is not supported for Molmo2"):
-        export_molmo2_gguf(tiny_molmo2, tmp_path / "out", "f32", tmp_path / "lora", config)
+        Molmo2Gguf().export(GgufJob(tiny_molmo2, tmp_path / "out", "f32", tmp_path / "lora", config, None))

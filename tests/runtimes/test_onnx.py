@@ -25,9 +25,9 @@ from engine.families import family_for  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.spec import Spec, validate  # noqa: E402
 from runtimes import open_runtime  # noqa: E402
-from runtimes.base import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.bundle import read_manifest, write_manifest  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
+from runtimes.protocol import RuntimeInputError, Sampling, Text  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
 from tests.support import (  # noqa: E402
     FixedGrounding,
@@ -219,7 +219,7 @@ def test_a_bundle_runs_in_a_fresh_interpreter_without_torch(tiny_qwen3vl_onnx: P
 
 def test_io_binding_path_decodes_the_same_tokens(tiny_qwen3vl_onnx: Path, onnx_runtime, family) -> None:
     """The CUDA path's IO binding (KV kept as OrtValues between steps), run on CPU so it is tested here."""
-    from runtimes.onnx_session import DecoderSession
+    from runtimes.onnx.session import DecoderSession
 
     bound = OnnxRuntime(tiny_qwen3vl_onnx, device="cpu")
     plain = bound.graphs("base").decoder

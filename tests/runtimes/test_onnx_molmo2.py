@@ -18,9 +18,9 @@ ort = pytest.importorskip("onnxruntime")
 
 
 from engine.families import family_for  # noqa: E402
-from runtimes.base import Sampling  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
-from runtimes.onnx_session import DecoderSession  # noqa: E402
+from runtimes.onnx.session import DecoderSession  # noqa: E402
+from runtimes.protocol import Sampling  # noqa: E402
 from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
 from tests.support import (  # noqa: E402
     assert_two_regions_and_crops_seen,

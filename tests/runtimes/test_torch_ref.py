@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from engine.families import family_for
-from runtimes.base import RuntimeInputError, Sampling, Text
 from runtimes.mrope import tokenize
+from runtimes.protocol import RuntimeInputError, Sampling, Text
 from runtimes.torch_ref import TorchRefRuntime
 from tests.support import picture
 

@@ -16,7 +16,7 @@ from engine.families import family_for
 from engine.grounding import Grounding
 from engine.pipeline import Pipeline
 from engine.spec import validate
-from runtimes.base import Sampling
+from runtimes.protocol import Sampling
 from runtimes.torch_ref import TorchRefRuntime
 from tests.support import picture
 

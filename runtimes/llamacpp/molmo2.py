@@ -2,11 +2,11 @@
 
 A hybrid bundle (export/gguf/molmo2.py) has the text decoder as a `qwen3` GGUF and Molmo2's vision and
 embed graphs as ONNX. The prompt is laid out and positioned (1-D, sequential over image tokens too) by
-runtimes/molmo2_layout.py, and an image block's embeddings are computed exactly as the ONNX runtime does
-(runtimes/onnx_molmo2.py: embed graph, plus the vision features added at <im_patch>), reusing its family.
+runtimes/families/molmo2.py, and an image block's embeddings are computed exactly as the ONNX runtime does
+(runtimes/onnx/molmo2.py: embed graph, plus the vision features added at <im_patch>), reusing its family.
 
 Text is decoded by token id, causally. The reference lets the image tokens of a chunk (every token that
-`molmo2_layout.token_types` marks, start/column/end tokens included) attend to each other in both
+`image_layout.token_types` marks, start/column/end tokens included) attend to each other in both
 directions; llama.cpp does that for one batch with `llama_set_causal_attn(ctx, False)`: its tokens see the
 sequence's cached prefix and the whole batch. So each chunk's image block is decoded as ONE embeddings
 batch, non-causally, which needs the block in one ubatch (n_ubatch = n_batch; a larger block is refused).
@@ -29,14 +29,15 @@ import llama_cpp
 import numpy as np
 import onnxruntime as ort
 
-from runtimes import molmo2_layout
-from runtimes.base import RuntimeInputError, Segment
+from runtimes.families import molmo2 as image_layout
+from runtimes.llamacpp.family import ImagePath
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx_molmo2 import Molmo2OnnxFamily
-from runtimes.onnx_session import open_session, pick_providers
+from runtimes.onnx.molmo2 import Molmo2OnnxFamily
+from runtimes.onnx.session import open_session, pick_providers
+from runtimes.protocol import RuntimeInputError, Segment
 
 if TYPE_CHECKING:
-    from runtimes.llamacpp import LlamaCppRuntime, _VariantModel
+    from runtimes.llamacpp.runtime import LlamaCppRuntime, _VariantModel
 
 
 @dataclass
@@ -45,11 +46,13 @@ class _Graphs:
     embed: ort.InferenceSession
 
 
-class Molmo2Hook:
+class Molmo2ImagePath(ImagePath):
+    architectures = ("Molmo2ForConditionalGeneration",)
+
     """The runtime's image path for Molmo2 bundles: ONNX sessions per variant and the chunk decoding."""
 
     def __init__(self, runtime: LlamaCppRuntime, device: str) -> None:
-        self.runtime = runtime
+        super().__init__(runtime, device)
         # the ONNX graphs are fp32 whatever the text quant (the exporter writes them so)
         self.family = Molmo2OnnxFamily(runtime.manifest, runtime.tokenizer, np.float32)
         self.providers = pick_providers("auto" if device not in ("cpu", "cuda") else device)
@@ -70,7 +73,7 @@ class Molmo2Hook:
         ids = prompt.token_ids
         if not ids:
             return ids, position, None
-        image = molmo2_layout.token_types(ids, self.family.vocab).astype(bool)  # (S,)
+        image = image_layout.token_types(ids, self.family.vocab).astype(bool)  # (S,)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], image.astype(np.int8), [0]])))
         blocks = list(zip(edges[::2].tolist(), edges[1::2].tolist()))  # [start, end) runs of image tokens
         if len(blocks) > 1:
@@ -131,7 +134,3 @@ class Molmo2Hook:
                 llama_cpp.llama_set_causal_attn(model.ctx, True)
         finally:
             llama_cpp.llama_batch_free(batch)
-
-
-def hook(runtime: LlamaCppRuntime, device: str) -> Molmo2Hook:
-    return Molmo2Hook(runtime, device)

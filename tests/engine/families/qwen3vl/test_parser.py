@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.boxes import Box
-from engine.grounding import Grounding, parse_qwen_grounding
+from engine.families.qwen3vl.parser import parse_qwen_grounding
+from engine.grounding import Grounding
 
 CAT_DOG = json.dumps(
     [{"bbox_2d": [100, 200, 300, 400], "label": "cat"}, {"bbox_2d": [500, 0, 1000, 250], "label": "dog"}]

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtimes.base import Image, ImageInput, RuntimeInputError, Segment
 from runtimes.mrope import TokenizedPrompt
+from runtimes.protocol import Image, ImageInput, RuntimeInputError, Segment
 
 PATCH, COLUMN, START, LOW_RES_START, END = (
     "<im_patch>",

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.boxes import Box
-from engine.grounding import Grounding, parse_molmo_points
+from engine.families.molmo2.parser import parse_molmo_points
+from engine.grounding import Grounding
 
 
 def centres(result: Grounding) -> list[tuple[float, float]]:

@@ -1,11 +1,11 @@
-"""runtimes.qwen3vl_vision: the host-side vision tables equal what transformers' Qwen3VLVisionModel computes."""
+"""runtimes.families.qwen3vl: the host-side vision tables equal what transformers' Qwen3VLVisionModel computes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runtimes.qwen3vl_vision import qwen_vision_tables
+from runtimes.families.qwen3vl import qwen_vision_tables
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 from transformers.models.molmo2.processing_molmo2 import Molmo2Processor
 
-from runtimes.molmo2_layout import Layout, image_tokens, n_image_tokens
+from runtimes.families.molmo2 import Layout, image_tokens, n_image_tokens
 
 
 class _Switches:

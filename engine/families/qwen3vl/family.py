@@ -9,9 +9,10 @@ from PIL import Image as PILImage
 
 from engine.boxes import Box
 from engine.families.base import Family
-from engine.grounding import QWEN_SCALE, Grounding, parse_qwen_grounding
-from engine.imaging import prepare_qwen_image
-from runtimes.base import Image, ImageInput, Segment, Text
+from engine.families.qwen3vl.parser import QWEN_SCALE, parse_qwen_grounding
+from engine.families.qwen3vl.pixels import prepare_qwen_image
+from engine.grounding import Grounding
+from runtimes.protocol import Image, ImageInput, Segment, Text
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 

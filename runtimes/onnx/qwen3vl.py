@@ -1,5 +1,5 @@
 """Qwen3-VL in the ONNX runtime: M-RoPE positions (runtimes/mrope.py), a vision graph fed with host-computed
-position tables (runtimes/qwen3vl_vision.py) whose embeddings REPLACE the placeholders, and DeepStack
+position tables (runtimes/families/qwen3vl.py) whose embeddings REPLACE the placeholders, and DeepStack
 features handed to the decoder (zeros off the image tokens and on decoding steps)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 
 from runtimes import mrope
-from runtimes.base import ImageInput, Segment
+from runtimes.families.qwen3vl import qwen_vision_tables
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx_families import OnnxRuntimeFamily
-from runtimes.qwen3vl_vision import qwen_vision_tables
+from runtimes.onnx.family import OnnxRuntimeFamily
+from runtimes.protocol import ImageInput, Segment
 
 
 class Qwen3VLOnnxFamily(OnnxRuntimeFamily):

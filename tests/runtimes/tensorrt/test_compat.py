@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from runtimes.base import ImageConfig, RuntimeInputError
 from runtimes.bundle import Manifest, read_manifest, write_manifest
-from runtimes.tensorrt_compat import (
+from runtimes.protocol import ImageConfig, RuntimeInputError
+from runtimes.tensorrt.compat import (
     check_engine_compatible,
     normalize_compute_capability,
     parse_trt_version,

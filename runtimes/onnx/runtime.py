@@ -5,7 +5,7 @@ It follows the reference runtime step for step: prompts are tokenized and positi
 through the vision graph and their features are merged into the prompt's embeddings, a prefix is prefilled
 once, and `generate` runs the suffix once, forks the KV into n sequences and decodes them as one batch.
 What differs between architectures (tokens and positions, the vision graph's inputs, the decoder's extra
-inputs) sits in an `OnnxRuntimeFamily` (runtimes/onnx_families.py) picked by the manifest's architecture.
+inputs) sits in an `OnnxRuntimeFamily` (runtimes/onnx/family.py) picked by the manifest's architecture.
 """
 
 from __future__ import annotations
@@ -20,15 +20,12 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from runtimes.base import Generation, ImageInput, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 from runtimes.bundle import read_manifest, verify
 from runtimes.decoding import decode
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx_families import ONNX_RUNTIME_FAMILIES, onnx_family_for
-from runtimes.onnx_session import DecoderSession, Past, open_session, pick_providers
-
-# The families register themselves on import.
-from runtimes import onnx_molmo2, onnx_qwen3vl  # noqa: E402, F401  isort: skip
+from runtimes.onnx.family import onnx_family_for
+from runtimes.onnx.session import DecoderSession, Past, open_session, pick_providers
+from runtimes.protocol import Generation, ImageInput, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 
 ROLES = ("vision", "embed", "decoder")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -49,10 +46,9 @@ class OnnxRuntime:
         self.manifest = read_manifest(self.bundle)
         if self.manifest.format != "onnx":
             raise RuntimeInputError(f"{self.bundle}: a {self.manifest.format} bundle, not onnx")
-        if self.manifest.architecture not in ONNX_RUNTIME_FAMILIES or self.manifest.dtype not in DTYPES:
+        if self.manifest.dtype not in DTYPES:
             raise RuntimeInputError(
-                f"{self.bundle}: the onnx runtime runs {', '.join(sorted(ONNX_RUNTIME_FAMILIES))} bundles "
-                f"in {' or '.join(DTYPES)}, not {self.manifest.architecture} in {self.manifest.dtype}"
+                f"{self.bundle}: the onnx runtime runs {' or '.join(DTYPES)} bundles, not {self.manifest.dtype}"
             )
         self.providers = pick_providers(device)
         self.sizes = self.manifest.model

@@ -28,9 +28,9 @@ evicted entries). More live prefixes than slots is refused with a clear error; k
 `model.prefix_cache` below `prefix_slots`. The KV cache (`n_ctx`, default 16384 tokens) is shared by all
 sequences: prefixes plus n x (suffix + generated) tokens of the running call must fit.
 
-An architecture libmtmd cannot run brings a hook (FAMILY_HOOKS, keyed by the manifest's architecture) that
+An architecture libmtmd cannot run brings an `ImagePath` (family.py, keyed by the manifest's architecture) that
 decodes prompt chunks itself: Molmo2's hybrid bundles compute image embeddings with ONNX graphs and decode
-the image blocks non-causally (runtimes/llamacpp_molmo2.py). Sequences, forks and batched rollouts stay here.
+the image blocks non-causally (runtimes/llamacpp/molmo2.py). Sequences, forks and batched rollouts stay here.
 
 This module must not import torch or transformers: it is the run path on devices.
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib
 import os
 import sys
 import time
@@ -54,7 +53,10 @@ import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from tokenizers import Tokenizer
 
-from runtimes.base import (
+from runtimes.bundle import Manifest, read_manifest, verify
+from runtimes.decoding import decode
+from runtimes.llamacpp.family import ImagePath
+from runtimes.protocol import (
     Generation,
     Image,
     ImageConfig,
@@ -65,12 +67,8 @@ from runtimes.base import (
     Sampling,
     Segment,
 )
-from runtimes.bundle import Manifest, read_manifest, verify
-from runtimes.decoding import decode
 
 GGML_LOG_LEVEL_ERROR = 4
-# HF architecture -> module whose `hook(runtime, device)` replaces libmtmd for that architecture's images
-FAMILY_HOOKS = {"Molmo2ForConditionalGeneration": "runtimes.llamacpp_molmo2"}
 
 
 @llama_cpp.llama_log_callback
@@ -264,9 +262,9 @@ class LlamaCppRuntime:
             max_context=min(n_ctx, max_positions),
         )
         self._models: dict[str, _VariantModel] = {}
-        # an architecture without a libmtmd projector brings its own image path (FAMILY_HOOKS)
-        hook = FAMILY_HOOKS.get(self.manifest.architecture)
-        self.hook = importlib.import_module(hook).hook(self, device) if hook else None
+        # an architecture without a libmtmd projector brings its own image path
+        hook = ImagePath.registry.get(self.manifest.architecture)
+        self.hook = hook(self, device) if hook else None
 
     @staticmethod
     def _gpu_layers(device: str) -> int:

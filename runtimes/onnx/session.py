@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtimes.base import RuntimeInputError
+from runtimes.protocol import RuntimeInputError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -1,6 +1,6 @@
-"""The per-architecture pieces of the ONNX runtime, and their registry (torch-free, like runtimes/onnx.py).
+"""The per-architecture pieces of the ONNX runtime, and their registry (torch-free, like runtimes/onnx/runtime.py).
 
-The runtime (runtimes/onnx.py) owns what every family shares: sessions, the embed graph, the KV cache,
+The runtime (runtimes/onnx/runtime.py) owns what every family shares: sessions, the embed graph, the KV cache,
 prefix forks and batched decoding. An `OnnxRuntimeFamily` owns what differs between the bundles of two
 architectures: how segments become token ids and rope positions, how the vision graph is fed and where its
 features go, and the decoder inputs besides `inputs_embeds`, `attention_mask` and the KV (M-RoPE and
@@ -12,28 +12,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from runtimes.base import ImageInput, RuntimeInputError, Segment
 from runtimes.bundle import Manifest
 from runtimes.mrope import TokenizedPrompt
+from runtimes.protocol import ImageInput, RuntimeInputError, Segment
+from runtimes.registry import Registered, Registry
 
-ONNX_RUNTIME_FAMILIES: dict[str, type[OnnxRuntimeFamily]] = {}
 
-
-class OnnxRuntimeFamily(ABC):
-    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries served
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if not hasattr(cls, "architectures"):
-            raise TypeError(f"onnx runtime family {cls.__name__} must define architectures")
-        for architecture in cls.architectures:
-            ONNX_RUNTIME_FAMILIES[architecture] = cls
+class OnnxRuntimeFamily(Registered, ABC):
+    registry = Registry("onnx runtime")
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> None:
         self.sizes = manifest.model  # what the exporter's family wrote (layers, heads, layout switches)
@@ -85,4 +76,4 @@ class OnnxRuntimeFamily(ABC):
 
 
 def onnx_family_for(manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> OnnxRuntimeFamily:
-    return ONNX_RUNTIME_FAMILIES[manifest.architecture](manifest, tokenizer, dtype)
+    return OnnxRuntimeFamily.registry.lookup(manifest.architecture)(manifest, tokenizer, dtype)

@@ -1,4 +1,4 @@
-"""Molmo2 in the ONNX runtime: the token layout of runtimes/molmo2_layout.py, 1-D RoPE, pooled image features
+"""Molmo2 in the ONNX runtime: the token layout of runtimes/families/molmo2.py, 1-D RoPE, pooled image features
 ADDED to the <im_patch> embeddings, and the decoder's `token_types` input (1 = image token).
 
 The decoder graph (export/onnx/molmo2.py) lets the image tokens of a chunk attend to every image token of
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtimes import molmo2_layout
-from runtimes.base import ImageInput, Segment
+from runtimes.families import molmo2 as image_layout
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx_families import OnnxRuntimeFamily
+from runtimes.onnx.family import OnnxRuntimeFamily
+from runtimes.protocol import ImageInput, Segment
 
 
 class Molmo2OnnxFamily(OnnxRuntimeFamily):
@@ -27,12 +27,12 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.vocab = molmo2_layout.image_vocab(self.tokenizer)
+        self.vocab = image_layout.image_vocab(self.tokenizer)
         # the checkpoint's processor_config.json switches, as the exporter copied them
-        self.layout = molmo2_layout.Layout.from_processor_config(self.sizes.get("processor") or {})
+        self.layout = image_layout.Layout.from_processor_config(self.sizes.get("processor") or {})
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
-        return molmo2_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)
+        return image_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)
 
     def vision(self, session: ort.InferenceSession, images: Sequence[ImageInput]) -> tuple[np.ndarray]:
         """Images -> (one feature per <im_patch> token (tokens, H),), in prompt order.
@@ -40,7 +40,7 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
         One run for all images: the ViT attends within a 378 px crop only, so stacking the crops of
         several images changes nothing but the batch size.
         """
-        pixels, pooling, _ = molmo2_layout.stack_images(images)
+        pixels, pooling, _ = image_layout.stack_images(images)
         (features,) = session.run(
             None, {"pixel_values": pixels.astype(self.dtype, copy=False), "image_token_pooling": pooling}
         )
@@ -52,7 +52,7 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
         if images:
             (features,) = images
             embeds[0, prompt.image_mask] += features  # ADDED to the <im_patch> embeddings
-        types = molmo2_layout.token_types([*history, *prompt.token_ids], self.vocab)  # (past + S,)
+        types = image_layout.token_types([*history, *prompt.token_ids], self.vocab)  # (past + S,)
         return {"position_ids": prompt.positions, "token_types": types[None]}  # (1, S), (1, past + S)
 
     def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:

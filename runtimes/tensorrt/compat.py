@@ -25,8 +25,8 @@ from __future__ import annotations
 import platform
 import re
 
-from runtimes.base import RuntimeInputError
 from runtimes.bundle import Manifest
+from runtimes.protocol import RuntimeInputError
 
 REBUILD = "rebuild the engines on this device: sparc-engine export tensorrt --from ONNX_BUNDLE --out BUNDLE"
 

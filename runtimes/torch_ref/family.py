@@ -17,22 +17,14 @@ from typing import Any, ClassVar
 import torch
 from tokenizers import Tokenizer
 
-from runtimes.base import ImageConfig, RuntimeInputError, Segment
 from runtimes.mrope import TokenizedPrompt
+from runtimes.protocol import ImageConfig, Segment
+from runtimes.registry import Registered, Registry, architecture_of
 
-TORCH_FAMILIES: dict[str, type[TorchFamily]] = {}
 
-
-class TorchFamily(ABC):
-    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` entries served
+class TorchFamily(Registered, ABC):
+    registry = Registry("torch_ref runtime")
     image_token_id: int  # the placeholder token whose embedding image features fill (or add to)
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if not hasattr(cls, "architectures"):
-            raise TypeError(f"torch family {cls.__name__} must define architectures")
-        for architecture in cls.architectures:
-            TORCH_FAMILIES[architecture] = cls
 
     def __init__(self, config: dict, tokenizer: Tokenizer, model_dir: Path) -> None:
         self.config = config
@@ -79,10 +71,4 @@ class TorchFamily(ABC):
 
 
 def torch_family_for(config: dict, tokenizer: Tokenizer, model_dir: Path) -> TorchFamily:
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in TORCH_FAMILIES:
-        supported = ", ".join(sorted(TORCH_FAMILIES))
-        raise RuntimeInputError(
-            f"{model_dir}: architecture {architecture!r} is not supported (have: {supported})"
-        )
-    return TORCH_FAMILIES[architecture](config, tokenizer, model_dir)
+    return TorchFamily.registry.lookup(architecture_of(config))(config, tokenizer, model_dir)

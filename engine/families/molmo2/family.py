@@ -6,7 +6,7 @@ Prompt layout, as transformers' Molmo2Processor builds it from the chat template
 
 The leading token is the processor's BOS: it prepends `bos_token`, or `eos_token` when there is none, which
 for the Qwen3-based checkpoints is <|im_end|> (their generation_config has bos_token_id = <|im_end|>).
-The image placeholder `<|image|>` is expanded by the runtime (runtimes/molmo2_layout.py); here an image is
+The image placeholder `<|image|>` is expanded by the runtime (runtimes/families/molmo2.py); here an image is
 one `Image` segment. Images come before the text of the user turn, as in Molmo2's chat template.
 """
 
@@ -18,10 +18,11 @@ from PIL import Image as PILImage
 
 from engine.boxes import Box
 from engine.families.base import Family
-from engine.grounding import MOLMO2_SCALE, Grounding, parse_molmo_points
-from engine.imaging_molmo2 import MAX_CROPS, prepare_molmo2_image
-from runtimes.base import Image, ImageInput, Segment, Text
-from runtimes.molmo2_layout import n_image_tokens
+from engine.families.molmo2.parser import MOLMO2_SCALE, parse_molmo_points
+from engine.families.molmo2.pixels import MAX_CROPS, prepare_molmo2_image
+from engine.grounding import Grounding
+from runtimes.families.molmo2 import n_image_tokens
+from runtimes.protocol import Image, ImageInput, Segment, Text
 
 BOS = "<|im_end|>"
 
@@ -40,7 +41,7 @@ class Molmo2Family(Family):
     max_crops = MAX_CROPS  # crops of the released checkpoints' preprocessor_config ('full' resolution)
 
     def prepare_image(self, image: PILImage.Image, resolution: int | None, key: str) -> ImageInput:
-        """Crops and pooling of the image; `resolution` sets the crop budget (engine/imaging_molmo2.py).
+        """Crops and pooling of the image; `resolution` sets the crop budget (engine/families/molmo2/pixels.py).
 
         n_tokens counts transformers' default layout; a checkpoint whose processor_config.json drops the
         global view's <im_col> tokens takes 14 fewer, and the runtime lays out what the checkpoint asks.

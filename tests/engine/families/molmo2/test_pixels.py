@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.imaging_molmo2 import (
+from engine.families.molmo2.pixels import (
     molmo2_crop_budget,
     molmo2_geometry,
     molmo2_pooling,
