@@ -86,6 +86,10 @@ class TinyMolmo2Sizes:
     rope_theta: float = 1_000_000.0  # [1e6]
     max_position_embeddings: int = 8192  # [36864]
     init_std: float = 0.08  # wide logits, so greedy winners lead by clear margins (see export/tiny.py)
+    crop_size: int = 378  # the ViT's square input in pixels, 14 px patches [378]
+    # False: no preprocessor_config.json, as in checkpoints that leave the processor to its defaults
+    # and state only the vision config (then crop and patch sizes come from there)
+    preprocessor_config: bool = True
 
 
 TINY_MOLMO2 = TinyMolmo2Sizes()
@@ -140,7 +144,8 @@ def tiny_molmo2_config(ids: dict[str, int], sizes: TinyMolmo2Sizes = TINY_MOLMO2
             "num_attention_heads": sizes.vision_heads,
             "num_key_value_heads": sizes.vision_heads,
             "head_dim": sizes.vision_head_dim,
-            "image_size": [378, 378],  # the real crop: the position table has one row per patch (27 x 27)
+            # the position table has one row per patch of a crop (27 x 27 for the real 378 px crop)
+            "image_size": [sizes.crop_size, sizes.crop_size],
             "patch_size": 14,
             "initializer_range": sizes.init_std,
         },
@@ -182,14 +187,28 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _processor_files(out: Path) -> None:
+def _processor_files(out: Path, preprocessor_config: bool, crop_size: int) -> None:
     """Molmo2ImageProcessor / Molmo2Processor settings: the released checkpoints' values."""
+    if preprocessor_config:
+        _write_preprocessor_config(out, crop_size)
+    _write_json(
+        out / "processor_config.json",
+        {
+            "processor_class": "Molmo2Processor",
+            "image_use_col_tokens": True,
+            "use_single_crop_col_tokens": None,
+            "use_single_crop_start_token": True,
+        },
+    )
+
+
+def _write_preprocessor_config(out: Path, crop_size: int) -> None:
     _write_json(
         out / "preprocessor_config.json",
         {
             "image_processor_type": "Molmo2ImageProcessor",
             "processor_class": "Molmo2Processor",
-            "size": {"height": 378, "width": 378},
+            "size": {"height": crop_size, "width": crop_size},
             "patch_size": 14,
             "pooling_size": [2, 2],
             "overlap_margins": [4, 4],
@@ -201,15 +220,6 @@ def _processor_files(out: Path) -> None:
             "do_convert_rgb": True,
             "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5],
-        },
-    )
-    _write_json(
-        out / "processor_config.json",
-        {
-            "processor_class": "Molmo2Processor",
-            "image_use_col_tokens": True,
-            "use_single_crop_col_tokens": None,
-            "use_single_crop_start_token": True,
         },
     )
 
@@ -232,7 +242,7 @@ def build_tiny_molmo2(out_dir: str | Path, seed: int = 0, sizes: TinyMolmo2Sizes
         do_sample=False,
     )
     model.save_pretrained(out)
-    _processor_files(out)
+    _processor_files(out, sizes.preprocessor_config, sizes.crop_size)
     weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     pending = out / (COMPLETE_MARKER + ".tmp")
     _write_json(

@@ -63,7 +63,7 @@ def sha256_file(path: Path) -> str:
 def write_manifest(bundle: Path, manifest: Manifest) -> Path:
     """Write manifest.yaml last (temporary name, then rename): a bundle with a manifest is complete."""
     data = asdict(manifest)
-    data["image"] = {**data["image"], "mean": list(manifest.image.mean), "std": list(manifest.image.std)}
+    data["image"] = {key: list(v) if isinstance(v, tuple) else v for key, v in data["image"].items()}
     pending = bundle / (MANIFEST + ".tmp")
     pending.write_text(yaml.safe_dump(data, sort_keys=False))
     pending.replace(bundle / MANIFEST)
@@ -80,7 +80,7 @@ def read_manifest(bundle: str | Path) -> Manifest:
     try:
         data = yaml.safe_load(path.read_text())
         raw_image = data.pop("image")
-        image = ImageConfig(**{**raw_image, "mean": tuple(raw_image["mean"]), "std": tuple(raw_image["std"])})
+        image = ImageConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in raw_image.items()})
         manifest = Manifest(image=image, **data)
     except (yaml.YAMLError, TypeError, KeyError, AttributeError) as error:
         raise RuntimeInputError(f"{path}: malformed manifest ({error})") from None

@@ -95,6 +95,11 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_pixels: int = 16_777_216  # pixel area the model accepts at most
+    # Towers that take fixed square crops (Molmo2): the crop side in pixels, the overlap of neighbouring
+    # crops in patches (left/top, right/bottom) and the crops per image at most; 0 for the others
+    crop_size: int = 0
+    overlap_margins: tuple[int, int] = (0, 0)
+    max_crops: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from torch import nn
 
 from runtimes.protocol import ImageConfig
 from runtimes.registry import Registered, Registry
+from runtimes.torch_ref.checkpoint import checkpoint_image_config
 
 # The example sizes a decoder is traced with: distinct, so no axis is mistaken for another.
 BATCH, LENGTH, PAST = 2, 3, 4
@@ -134,10 +135,10 @@ class OnnxFamily(Registered, ABC):
     def tokens(self) -> dict[str, int | list[int]]:
         """Token ids the runtime needs (image placeholder, eos, ...)."""
 
-    @abstractmethod
     def image_config(self) -> ImageConfig:
         """The manifest's `image` section: the preprocessing constants the engine's family prepares
-        images with (what the reference runtime reads from the same checkpoint)."""
+        images with, as the reference runtime reads them from the same checkpoint."""
+        return checkpoint_image_config(self.model_dir)
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -6,7 +6,8 @@ own the glue that does not trace: the output-capturing hooks of the vision tower
 
 vision   crops (n_crops, 729, 14*14*3) + pooling rows (T, 4) of patch indices (-1 pads)
          -> image features (T, H), one per <im_patch> token, ADDED to those tokens' embeddings by the host.
-         The crop count and the token count are free axes; every crop is 378 px, so nothing else varies.
+         The crop count and the token count are free axes; every crop has the checkpoint's crop size
+         (378 px of 14 px patches in the released ones), so nothing else varies.
 embed    input_ids (B, S) -> (B, S, H), the text rows and the additional (image-token) rows.
 decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, past+S), token_types
          (B, past+S; 1 = image token) and past KV per layer -> logits of the LAST position and present KV.
@@ -16,9 +17,9 @@ decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, pa
 
 The manifest's `model` section carries, besides the sizes, the checkpoint's processor switches
 (`processor`: image_use_col_tokens, use_single_crop_col_tokens, use_single_crop_start_token - the token
-layout runtimes/families/molmo2.py builds) and its image preprocessing constants (`preprocessing`), which
-must be the ones the engine implements (the export refuses others, as the reference runtime does). Its
-`image` section is the ImageConfig the reference runtime builds from the same constants.
+layout runtimes/families/molmo2.py builds). Its `image` section holds the preprocessing constants (crop and
+patch size, overlap margins, pooling, max crops, mean and std) as the reference runtime reads them from
+the checkpoint (runtimes/torch_ref/molmo2.py), which refuses constants that contradict each other.
 
 The class registers itself for "Molmo2ForConditionalGeneration"; `export/onnx/__init__.py` imports it.
 """
@@ -31,17 +32,10 @@ import torch
 from torch import nn
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
-from runtimes.protocol import ImageConfig
-from runtimes.torch_ref.molmo2 import (
-    SUPPORTED_PREPROCESSING,
-    checked_preprocessor_config,
-    checkpoint_json,
-    molmo2_image_config,
-)
+from runtimes.torch_ref.checkpoint import read_json
+from runtimes.torch_ref.molmo2 import molmo2_image_config
 
-CROP_PATCHES = 27 * 27  # patches per 378 px crop (14 px patches)
 PROCESSOR_SWITCHES = ("image_use_col_tokens", "use_single_crop_col_tokens", "use_single_crop_start_token")
-PREPROCESSING = (*SUPPORTED_PREPROCESSING, "max_crops", "image_mean", "image_std")
 
 
 class VisionCore(nn.Module):
@@ -110,14 +104,22 @@ class Molmo2Onnx(OnnxFamily):
 
     def __init__(self, config: dict, model_dir: Path) -> None:
         super().__init__(config, model_dir)
-        # refused here, before the model is loaded: pixels the engine cannot prepare
-        self.preprocessor = checked_preprocessor_config(model_dir)
+        # read (and contradictions refused) here, before the model is loaded
+        self.image = molmo2_image_config(model_dir, config)
 
     def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         # 3 crops and 5 tokens (one with padding slots): no count can be mistaken for another.
-        pixels = torch.randn(3, CROP_PATCHES, 14 * 14 * 3, dtype=dtype)
+        side, patch = self.image.crop_size // self.image.patch_size, self.image.patch_size
+        per_crop = side * side
+        pixels = torch.randn(3, per_crop, patch * patch * 3, dtype=dtype)
         pooling = torch.tensor(
-            [[0, 1, 27, 28], [700, -1, 1500, -1], [2, 3, 29, 30], [5, 6, 7, 8], [9, -1, -1, -1]]
+            [
+                [0, 1, side, side + 1],
+                [per_crop - 1, -1, 2 * per_crop + 1, -1],
+                [2, 3, side + 2, side + 3],
+                [5, 6, 7, 8],
+                [9, -1, -1, -1],
+            ]
         )
         axes = {
             "pixel_values": {0: "crops"},
@@ -152,14 +154,9 @@ class Molmo2Onnx(OnnxFamily):
         }
 
     def sizes(self) -> dict:
-        processor = checkpoint_json(self.model_dir, "processor_config.json")
-        pre = self.preprocessor
+        processor = read_json(self.model_dir / "processor_config.json")
         return {
             **super().sizes(),
             # a switch left unset (None) means transformers' default, as in runtimes/families/molmo2.py
             "processor": {key: processor.get(key) for key in PROCESSOR_SWITCHES},
-            "preprocessing": {key: pre.get(key, SUPPORTED_PREPROCESSING.get(key)) for key in PREPROCESSING},
         }
-
-    def image_config(self) -> ImageConfig:
-        return molmo2_image_config(self.preprocessor)  # what the reference runtime gets from the checkpoint

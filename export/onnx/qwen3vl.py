@@ -26,8 +26,6 @@ from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
-from runtimes.protocol import ImageConfig
-from runtimes.torch_ref import checkpoint_image_config
 
 
 class VisionCore(nn.Module):
@@ -164,6 +162,3 @@ class Qwen3VLOnnx(OnnxFamily):
             "num_grid_per_side": int(round(self.vision["num_position_embeddings"] ** 0.5)),
             "spatial_merge_size": self.vision["spatial_merge_size"],
         }
-
-    def image_config(self) -> ImageConfig:
-        return checkpoint_image_config(self.model_dir)  # preprocessor_config.json, as the reference reads it

@@ -31,9 +31,13 @@ class TorchFamily(Registered, ABC):
         self.tokenizer = tokenizer
         self.model_dir = model_dir
 
+    @classmethod
     @abstractmethod
+    def read_image_config(cls, model_dir: Path, config: dict) -> ImageConfig:
+        """Preprocessing constants the engine's family needs, from the checkpoint's files (see checkpoint.py)."""
+
     def image_config(self) -> ImageConfig:
-        """Preprocessing constants the engine's family needs, from the checkpoint's files."""
+        return self.read_image_config(self.model_dir, self.config)
 
     @abstractmethod
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:

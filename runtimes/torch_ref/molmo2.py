@@ -11,7 +11,6 @@ is exact for one image per chunk; a one-shot HF forward over image + crops would
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,46 +20,72 @@ import torch
 from runtimes.families import molmo2 as image_layout
 from runtimes.mrope import TokenizedPrompt
 from runtimes.protocol import ImageConfig, RuntimeInputError, Segment
+from runtimes.torch_ref.checkpoint import agreed, read_json
 from runtimes.torch_ref.family import TorchFamily
 
-# Preprocessing the engine implements (engine/families/molmo2/pixels.py); a checkpoint asking for other values
-# is refused rather than fed pixels it was not trained on.
-SUPPORTED_PREPROCESSING = {
-    "size": {"height": 378, "width": 378},
-    "patch_size": 14,
-    "overlap_margins": [4, 4],
-    "pooling_size": [2, 2],
-}
+# transformers' Molmo2 defaults: what a checkpoint that leaves a constant unstated gets
+CROP_SIZE, PATCH_SIZE, OVERLAP_MARGINS, POOLING, MAX_CROPS = 378, 14, (4, 4), (2, 2), 8
 
 
-def checkpoint_json(model_dir: Path, name: str) -> dict:
-    """A processor file of the checkpoint ({} when it has none: transformers' defaults apply)."""
-    path = model_dir / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def molmo2_image_config(model_dir: Path, config: dict) -> ImageConfig:
+    """Crop size, patch size, overlap margins, pooling and max crops of a Molmo2 checkpoint.
 
-
-def checked_preprocessor_config(model_dir: Path) -> dict:
-    """The checkpoint's preprocessor_config.json, refused if it asks for other preprocessing than the engine's."""
-    preprocessor = checkpoint_json(model_dir, "preprocessor_config.json")
-    problems = [
-        f"{key}={preprocessor[key]!r} (supported: {value!r})"
-        for key, value in SUPPORTED_PREPROCESSING.items()
-        if key in preprocessor and preprocessor[key] != value
-    ]
-    if problems:
-        raise RuntimeInputError(f"{model_dir}: unsupported Molmo2 preprocessing: {'; '.join(problems)}")
-    return preprocessor
-
-
-def molmo2_image_config(preprocessor: dict) -> ImageConfig:
-    """The engine's ImageConfig of a Molmo2 checkpoint (the ONNX export writes the same into its manifest)."""
-    return ImageConfig(
-        patch_size=preprocessor.get("patch_size", 14),
-        merge_size=preprocessor.get("pooling_size", [2, 2])[0],  # patches per LLM token side
-        temporal_patch_size=1,
-        mean=tuple(preprocessor.get("image_mean", (0.5, 0.5, 0.5))),
-        std=tuple(preprocessor.get("image_std", (0.5, 0.5, 0.5))),
+    From preprocessor_config.json; the crop and patch sizes also from the vision config, which sizes the
+    ViT's position table and so must agree. Without stated margins the overlap keeps the released
+    checkpoints' share of a crop (4 of 27 patches per side), which still leaves a window in small crops.
+    """
+    pre, vision = read_json(model_dir / "preprocessor_config.json"), config.get("vision_config") or {}
+    crop = agreed(
+        model_dir,
+        ("size", _side(model_dir, "preprocessor_config.json size", pre.get("size"))),
+        (
+            "vision_config.image_size",
+            _side(model_dir, "config.json vision_config.image_size", vision.get("image_size", CROP_SIZE)),
+        ),
+        CROP_SIZE,
     )
+    patch = agreed(
+        model_dir,
+        ("patch_size", pre.get("patch_size")),
+        ("vision_config.patch_size", vision.get("patch_size", PATCH_SIZE)),
+        PATCH_SIZE,
+    )
+    if crop % patch:
+        raise RuntimeInputError(
+            f"{model_dir}: the crop size {crop} px is not a multiple of the patch size {patch} px"
+        )
+    patches = crop // patch
+    share = OVERLAP_MARGINS[0] / (CROP_SIZE // PATCH_SIZE)
+    margins = tuple(int(m) for m in pre.get("overlap_margins") or (round(share * patches),) * 2)
+    if len(margins) != 2 or min(margins) < 0 or patches - sum(margins) < 1:
+        raise RuntimeInputError(
+            f"{model_dir}: overlap_margins {list(margins)} leave no window in a crop of {patches} patches "
+            f"(size {crop} px, patch_size {patch} px)"
+        )
+    pooling = tuple(pre.get("pooling_size") or POOLING)
+    if len(pooling) != 2 or pooling[0] != pooling[1]:
+        raise RuntimeInputError(f"{model_dir}: pooling_size {list(pooling)} is not square (rows = cols)")
+    return ImageConfig(
+        patch_size=patch,
+        merge_size=int(pooling[0]),  # patches per LLM token side
+        temporal_patch_size=1,
+        mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+        crop_size=crop,
+        overlap_margins=margins,
+        max_crops=int(pre.get("max_crops", MAX_CROPS)),
+    )
+
+
+def _side(model_dir: Path, where: str, size: object) -> int | None:
+    """A square size as one number, from {height, width}, [height, width] or a number (None: unstated)."""
+    if size is None:
+        return None
+    sides = [size.get("height"), size.get("width")] if isinstance(size, dict) else size
+    sides = sides if isinstance(sides, list | tuple) else [sides]
+    if len(set(sides)) != 1 or not isinstance(sides[0], int):
+        raise RuntimeInputError(f"{model_dir}: {where} {size!r} is not one square side in pixels")
+    return sides[0]
 
 
 class Molmo2Torch(TorchFamily):
@@ -69,13 +94,13 @@ class Molmo2Torch(TorchFamily):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_token_id = self.config["image_patch_id"]  # <im_patch>: features are added to it
-        self.preprocessor = checked_preprocessor_config(self.model_dir)
-        processor = checkpoint_json(self.model_dir, "processor_config.json")
+        processor = read_json(self.model_dir / "processor_config.json")
         self.layout = image_layout.Layout.from_processor_config(processor)
         self.vocab = image_layout.image_vocab(self.tokenizer)
 
-    def image_config(self) -> ImageConfig:
-        return molmo2_image_config(self.preprocessor)
+    @classmethod
+    def read_image_config(cls, model_dir: Path, config: dict) -> ImageConfig:
+        return molmo2_image_config(model_dir, config)
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
         return image_layout.tokenize(self.tokenizer, segments, self.vocab, start_position, self.layout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from runtimes import mrope
 from runtimes.mrope import TokenizedPrompt
 from runtimes.protocol import ImageConfig, Segment
-from runtimes.torch_ref.checkpoint import checkpoint_image_config
+from runtimes.torch_ref.checkpoint import agreed, read_json
 from runtimes.torch_ref.family import TorchFamily
 
 
@@ -24,8 +25,33 @@ class Qwen3VLTorch(TorchFamily):
         self.image_token_id = self.config["image_token_id"]
         self.layout = mrope.Layout(self.image_token_id, self.config["vision_config"]["spatial_merge_size"])
 
-    def image_config(self) -> ImageConfig:
-        return checkpoint_image_config(self.model_dir)
+    @classmethod
+    def read_image_config(cls, model_dir: Path, config: dict) -> ImageConfig:
+        pre, vision = read_json(model_dir / "preprocessor_config.json"), config.get("vision_config") or {}
+        size = pre.get("size") or {}
+        return ImageConfig(
+            patch_size=agreed(
+                model_dir,
+                ("patch_size", pre.get("patch_size")),
+                ("vision_config.patch_size", vision.get("patch_size")),
+                16,
+            ),
+            merge_size=agreed(
+                model_dir,
+                ("merge_size", pre.get("merge_size")),
+                ("vision_config.spatial_merge_size", vision.get("spatial_merge_size")),
+                2,
+            ),
+            temporal_patch_size=agreed(
+                model_dir,
+                ("temporal_patch_size", pre.get("temporal_patch_size")),
+                ("vision_config.temporal_patch_size", vision.get("temporal_patch_size")),
+                2,
+            ),
+            mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+            max_pixels=size.get("longest_edge", pre.get("max_pixels", 16_777_216)),
+        )
 
     def tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
         return self.layout.tokenize(self.tokenizer, segments, start_position)

@@ -136,14 +136,17 @@ def test_the_manifest_describes_a_molmo2_bundle(bundle, runtime):
         "use_single_crop_col_tokens": None,
         "use_single_crop_start_token": True,
     }
-    assert model["preprocessing"]["size"] == {"height": 378, "width": 378}
-    assert model["preprocessing"]["pooling_size"] == [2, 2] and model["preprocessing"]["max_crops"] == 8
+    image = manifest.image  # the preprocessing constants, as the checkpoint states them
+    assert (image.crop_size, image.overlap_margins, image.merge_size, image.max_crops) == (378, (4, 4), 2, 8)
 
 
-def test_unsupported_preprocessing_is_refused(tiny_molmo2, tmp_path, capsys):
+def test_contradicting_preprocessing_is_refused(tiny_molmo2, tmp_path, capsys):
     checkpoint = shutil.copytree(tiny_molmo2, tmp_path / "checkpoint")
     config = json.loads((checkpoint / "preprocessor_config.json").read_text())
     config["patch_size"] = 16
     (checkpoint / "preprocessor_config.json").write_text(json.dumps(config))
     assert main(["export", "onnx", "--model", str(checkpoint), "--out", str(tmp_path / "bundle")]) != 0
-    assert "unsupported Molmo2 preprocessing: patch_size=16" in capsys.readouterr().err
+    assert (
+        "preprocessor_config.json patch_size=16 contradicts config.json vision_config.patch_size=14"
+        in capsys.readouterr().err
+    )

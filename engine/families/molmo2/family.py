@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 from engine.boxes import Box
 from engine.families.base import Family
 from engine.families.molmo2.parser import MOLMO2_SCALE, parse_molmo_points
-from engine.families.molmo2.pixels import MAX_CROPS, prepare_molmo2_image
+from engine.families.molmo2.pixels import CropScheme, prepare_molmo2_image
 from engine.grounding import Grounding
 from runtimes.families.molmo2 import n_image_tokens
 from runtimes.protocol import Image, ImageInput, Segment, Text
@@ -38,7 +38,6 @@ class Molmo2Family(Family):
     chat_header = f"{BOS}<|im_start|>user\n"
     # transformers' Molmo2 attends bidirectionally among all image tokens of a prompt
     images_attend_each_other = True
-    max_crops = MAX_CROPS  # crops of the released checkpoints' preprocessor_config ('full' resolution)
 
     def prepare_image(self, image: PILImage.Image, resolution: int | None, key: str) -> ImageInput:
         """Crops and pooling of the image; `resolution` sets the crop budget (engine/families/molmo2/pixels.py).
@@ -47,16 +46,16 @@ class Molmo2Family(Family):
         global view's <im_col> tokens takes 14 fewer, and the runtime lays out what the checkpoint asks.
         """
         config = self.image_config
-        pixels = prepare_molmo2_image(
-            image, resolution, max_crops=self.max_crops, mean=config.mean, std=config.std
-        )
+        scheme = CropScheme.of(config)
+        pixels = prepare_molmo2_image(image, resolution, scheme=scheme, mean=config.mean, std=config.std)
         geometry = pixels.geometry
         rows, cols = geometry.tiling
         return ImageInput(
             key=f"{key}@molmo2:{rows}x{cols}",  # the crop tiling fixes every pixel the model sees
             n_tokens=n_image_tokens(geometry.image_grid),
             pixel_values=pixels.pixel_values,  # (crops, 729, 588) float32
-            grid_thw=(geometry.n_crops, 27, 27),  # crops x patches per crop side (not Qwen's t, h, w)
+            # crops x patches per crop side (not Qwen's t, h, w)
+            grid_thw=(geometry.n_crops, scheme.crop_patches, scheme.crop_patches),
             extras={
                 "image_grids": geometry.image_grid,  # (4,) tokens: low-res rows, cols, high-res rows, cols
                 "image_token_pooling": pixels.image_token_pooling,  # (features, 4) patch indices, -1 pads

@@ -1,7 +1,8 @@
 """Molmo2 pixel preparation, torch-free (numpy + Pillow only).
 
-Molmo2 never sees an image at its own aspect ratio. It sees two views, both cut into 378x378 px crops
-of 27x27 patches (patch 14 px):
+Molmo2 never sees an image at its own aspect ratio. It sees two views, both cut into square crops
+(`CropScheme`, read from the checkpoint: 378x378 px crops of 27x27 patches of 14 px in the released ones,
+whose numbers this text uses):
   global view - the whole image squashed to one 378x378 crop;
   high-res    - the image stretched onto a canvas of (tiling_h x tiling_w) overlapping crops. Neighbouring
                 crops overlap by 8 patches (4-patch margins on each side), so the canvas side is
@@ -37,12 +38,43 @@ import numpy as np
 from PIL import Image
 
 from engine.imaging import to_rgb
+from runtimes.protocol import ImageConfig
 
-CROP_SIZE = 378  # pixels per crop side (the ViT's fixed input)
-PATCH_SIZE = 14  # pixels per patch side
-OVERLAP_MARGINS = (4, 4)  # patches of overlap on the (left/top, right/bottom) side of each crop
-POOLING = (2, 2)  # patches per LLM token (rows, cols)
-MAX_CROPS = 8  # high-res crops at most (the released checkpoints' preprocessor_config)
+
+@dataclass(frozen=True)
+class CropScheme:
+    """How a checkpoint cuts images into crops; the defaults are the released checkpoints' (and
+    transformers' Molmo2ImageProcessor's). runtimes/torch_ref/molmo2.py reads them from a checkpoint."""
+
+    crop_size: int = 378  # pixels per crop side (the ViT's fixed input)
+    patch_size: int = 14  # pixels per patch side
+    overlap_margins: tuple[int, int] = (4, 4)  # patches of overlap on the (left/top, right/bottom) side
+    pooling: int = 2  # patches per LLM token along each side
+    max_crops: int = 8  # high-res crops at most
+
+    @classmethod
+    def of(cls, config: ImageConfig) -> CropScheme:
+        return cls(
+            config.crop_size, config.patch_size, config.overlap_margins, config.merge_size, config.max_crops
+        )
+
+    @property
+    def crop_patches(self) -> int:
+        """Patches per crop side."""
+        return self.crop_size // self.patch_size
+
+    @property
+    def window_px(self) -> int:
+        """The stride between neighbouring crops, in pixels (266 for the released scheme)."""
+        return (self.crop_patches - sum(self.overlap_margins)) * self.patch_size
+
+    @property
+    def margin_px(self) -> int:
+        """The total overlap of a crop, in pixels (112 for the released scheme)."""
+        return sum(self.overlap_margins) * self.patch_size
+
+
+RELEASED = CropScheme()
 
 
 @dataclass(frozen=True)
@@ -79,13 +111,12 @@ class Molmo2Pixels:
     geometry: Molmo2Geometry
 
 
-def molmo2_crop_budget(resolution: int | None, max_crops: int = MAX_CROPS) -> int:
+def molmo2_crop_budget(resolution: int | None, scheme: CropScheme = RELEASED) -> int:
     """Crop budget for the engine's `resolution` (pixels, longest side; None = full). See the module doc."""
     if resolution is None:
-        return max_crops
-    window, margin = _window_and_margin_px()
-    per_side = max(1, (resolution - margin) // window)
-    return max(1, min(max_crops, per_side * per_side))
+        return scheme.max_crops
+    per_side = max(1, (resolution - scheme.margin_px) // scheme.window_px)
+    return max(1, min(scheme.max_crops, per_side * per_side))
 
 
 def select_tiling(height: float, width: float, window_px: int, max_crops: int) -> tuple[int, int]:
@@ -105,18 +136,17 @@ def select_tiling(height: float, width: float, window_px: int, max_crops: int) -
     return tilings[int(np.argmin(np.where(scale < 1.0, np.float32(10e9), scale)))]
 
 
-def molmo2_geometry(width: int, height: int, max_crops: int = MAX_CROPS) -> Molmo2Geometry:
-    """Tiling, canvas and token grids of a width x height pixel image."""
-    window, margin = _window_and_margin_px()
+def molmo2_geometry(width: int, height: int, max_crops: int, scheme: CropScheme = RELEASED) -> Molmo2Geometry:
+    """Tiling, canvas and token grids of a width x height pixel image, with at most max_crops crops."""
+    window, margin, pool, patch = scheme.window_px, scheme.margin_px, scheme.pooling, scheme.patch_size
     rows, cols = select_tiling(height - margin, width - margin, window, max_crops)
     canvas = (rows * window + margin, cols * window + margin)
-    pool_h, pool_w = POOLING
-    crop_patches = CROP_SIZE // PATCH_SIZE
+    low_res = -(-scheme.crop_patches // pool)  # ceil
     return Molmo2Geometry(
         tiling=(rows, cols),
         canvas=canvas,
-        low_res_grid=(-(-crop_patches // pool_h), -(-crop_patches // pool_w)),  # ceil
-        high_res_grid=(-(-canvas[0] // PATCH_SIZE // pool_h), -(-canvas[1] // PATCH_SIZE // pool_w)),
+        low_res_grid=(low_res, low_res),
+        high_res_grid=(-(-canvas[0] // patch // pool), -(-canvas[1] // patch // pool)),
     )
 
 
@@ -124,57 +154,59 @@ def prepare_molmo2_image(
     image: Image.Image,
     resolution: int | None = None,
     *,
-    max_crops: int = MAX_CROPS,
+    scheme: CropScheme = RELEASED,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     rescale_factor: float = 1 / 255,
 ) -> Molmo2Pixels:
-    """Crops, patches and pooling indices of one image; max_crops comes from `molmo2_crop_budget`."""
+    """Crops, patches and pooling indices of one image; the crop budget comes from `molmo2_crop_budget`."""
     pixels = np.asarray(to_rgb(image))  # (H, W, 3) uint8
     height, width = pixels.shape[:2]
-    geometry = molmo2_geometry(width, height, molmo2_crop_budget(resolution, max_crops))
+    geometry = molmo2_geometry(width, height, molmo2_crop_budget(resolution, scheme), scheme)
     mean255, std255 = _scaled_mean_std(mean, std, rescale_factor)
 
     def normalized(size: tuple[int, int]) -> np.ndarray:  # (h, w, 3) float32
         return (resize_bilinear_uint8(pixels, size).astype(np.float32) - mean255) / std255
 
     canvas = normalized(geometry.canvas)
-    window, _ = _window_and_margin_px()
+    window, size = scheme.window_px, scheme.crop_size
     rows, cols = geometry.tiling
     tiles = [
-        canvas[r * window : r * window + CROP_SIZE, c * window : c * window + CROP_SIZE]
+        canvas[r * window : r * window + size, c * window : c * window + size]
         for r in range(rows)
         for c in range(cols)
     ]
-    crops = np.stack([normalized((CROP_SIZE, CROP_SIZE)), *tiles])  # (n_crops, 378, 378, 3), global first
+    crops = np.stack([normalized((size, size)), *tiles])  # (n_crops, 378, 378, 3), global first
     return Molmo2Pixels(
-        pixel_values=_patchify(crops),
-        image_token_pooling=molmo2_pooling(geometry),
+        pixel_values=_patchify(crops, scheme.patch_size),
+        image_token_pooling=molmo2_pooling(geometry, scheme),
         geometry=geometry,
     )
 
 
-def molmo2_pooling(geometry: Molmo2Geometry) -> np.ndarray:
+def molmo2_pooling(geometry: Molmo2Geometry, scheme: CropScheme = RELEASED) -> np.ndarray:
     """(n_image_tokens, 4) int64 pooling rows: global-view tokens first, then high-res, raster order.
 
     Indices count patches over all crops of the image in order (the global view is crop 0); -1 pads.
     """
-    crop_patches = CROP_SIZE // PATCH_SIZE
-    low_res = _pool(np.arange(crop_patches * crop_patches).reshape(crop_patches, crop_patches))
-    high_res = _pool(_canvas_patch_indices(geometry.tiling))
+    crop_patches = scheme.crop_patches
+    low_res = _pool(
+        np.arange(crop_patches * crop_patches).reshape(crop_patches, crop_patches), scheme.pooling
+    )
+    high_res = _pool(_canvas_patch_indices(geometry.tiling, scheme), scheme.pooling)
     high_res = np.where(high_res >= 0, high_res + crop_patches * crop_patches, -1)  # after the global crop
     return np.concatenate([low_res, high_res]).astype(np.int64)
 
 
-def _canvas_patch_indices(tiling: tuple[int, int]) -> np.ndarray:
+def _canvas_patch_indices(tiling: tuple[int, int], scheme: CropScheme) -> np.ndarray:
     """(canvas rows, canvas cols) in patches: which crop patch shows each canvas patch.
 
     Crops overlap; of two crops sharing an edge, each keeps its own half of the overlap, so the margin
     rows/columns of every inner crop edge are dropped and each canvas patch appears once.
     """
     rows, cols = tiling
-    n = CROP_SIZE // PATCH_SIZE
-    first, last = OVERLAP_MARGINS
+    n = scheme.crop_patches
+    first, last = scheme.overlap_margins
     index = np.arange(rows * cols * n * n).reshape(rows, cols, n, n)  # (crop row, crop col, y, x)
     keep = np.ones(index.shape, dtype=bool)
     if first:
@@ -189,12 +221,12 @@ def _canvas_patch_indices(tiling: tuple[int, int]) -> np.ndarray:
     return index[keep].reshape(rows * window_patches + first + last, cols * window_patches + first + last)
 
 
-def _pool(grid: np.ndarray) -> np.ndarray:
-    """Group a (h, w) patch-index grid into POOLING windows: (tokens, pool_h * pool_w), -1 padded.
+def _pool(grid: np.ndarray, pool: int) -> np.ndarray:
+    """Group a (h, w) patch-index grid into pool x pool windows: (tokens, pool * pool), -1 padded.
 
     A side not divisible by the pool is padded with -1, the odd row/column going to the far side.
     """
-    pool_h, pool_w = POOLING
+    pool_h = pool_w = pool
     pad_h, pad_w = -grid.shape[0] % pool_h, -grid.shape[1] % pool_w
     grid = np.pad(grid, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)), constant_values=-1)
     rows, cols = grid.shape[0] // pool_h, grid.shape[1] // pool_w
@@ -203,12 +235,12 @@ def _pool(grid: np.ndarray) -> np.ndarray:
     )
 
 
-def _patchify(crops: np.ndarray) -> np.ndarray:
+def _patchify(crops: np.ndarray, patch: int) -> np.ndarray:
     """(n, 378, 378, 3) -> (n, 729, 588): patches in raster order, each flattened as (y, x, channel)."""
     n, size, _, channels = crops.shape
-    side = size // PATCH_SIZE
-    patches = crops.reshape(n, side, PATCH_SIZE, side, PATCH_SIZE, channels).transpose(0, 1, 3, 2, 4, 5)
-    return np.ascontiguousarray(patches.reshape(n, side * side, PATCH_SIZE * PATCH_SIZE * channels))
+    side = size // patch
+    patches = crops.reshape(n, side, patch, side, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    return np.ascontiguousarray(patches.reshape(n, side * side, patch * patch * channels))
 
 
 def resize_bilinear_uint8(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -258,9 +290,3 @@ def _scaled_mean_std(
         np.asarray(mean, np.float32) * np.float32(factor),
         np.asarray(std, np.float32) * np.float32(factor),
     )
-
-
-def _window_and_margin_px() -> tuple[int, int]:
-    """(stride between crops, total overlap) in pixels: (266, 112) for 378 px crops with 4+4 margins."""
-    margin_patches = sum(OVERLAP_MARGINS)
-    return (CROP_SIZE // PATCH_SIZE - margin_patches) * PATCH_SIZE, margin_patches * PATCH_SIZE

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.families.molmo2.pixels import (
+    CropScheme,
     molmo2_crop_budget,
     molmo2_geometry,
     molmo2_pooling,
@@ -93,7 +94,7 @@ SIZES = [(640, 480), (300, 200), (1000, 250), (90, 700), (378, 378), (1200, 1180
 def test_equals_the_hf_processor_code(width, height, max_crops):
     image = picture(width, height, seed=width + height)
     expected_pixels, expected_pooling, expected_grid = hf_code_reference(image, max_crops)
-    got = prepare_molmo2_image(image, max_crops=max_crops)
+    got = prepare_molmo2_image(image, scheme=CropScheme(max_crops=max_crops))
     np.testing.assert_array_equal(got.geometry.image_grid, expected_grid)
     np.testing.assert_array_equal(got.image_token_pooling, expected_pooling)
     assert got.pixel_values.dtype == np.float32
@@ -104,7 +105,7 @@ def test_equals_the_hf_processor_code_with_clip_normalization():
     # Some Molmo2 checkpoints are said to ship OpenAI-CLIP mean/std: the family reads them from the config.
     image = picture(500, 333, seed=9)
     expected_pixels, _, _ = hf_code_reference(image, 4, CLIP_MEAN, CLIP_STD)
-    got = prepare_molmo2_image(image, max_crops=4, mean=CLIP_MEAN, std=CLIP_STD)
+    got = prepare_molmo2_image(image, scheme=CropScheme(max_crops=4), mean=CLIP_MEAN, std=CLIP_STD)
     np.testing.assert_array_equal(got.pixel_values, expected_pixels)
 
 
@@ -119,7 +120,7 @@ def test_equals_the_real_hf_processor_where_torchvision_runs():
     for (width, height), max_crops in zip(SIZES, [8, 4, 8, 2, 1, 8]):
         image = picture(width, height, seed=3)
         out = processor(image, max_crops=max_crops, return_tensors="np")
-        got = prepare_molmo2_image(image, max_crops=max_crops)
+        got = prepare_molmo2_image(image, scheme=CropScheme(max_crops=max_crops))
         np.testing.assert_array_equal(out["image_grids"][0], got.geometry.image_grid)
         np.testing.assert_array_equal(out["image_token_pooling"], got.image_token_pooling)
         np.testing.assert_array_equal(out["pixel_values"], got.pixel_values)
