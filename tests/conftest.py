@@ -32,43 +32,59 @@ def tiny_molmo2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3vl_onnx(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported once to an ONNX bundle, with a 'perception' variant merged from a random
-    LoRA adapter; the adapter itself is at `<bundle>.parent / "perception-lora"` (for torch_ref)."""
-    from engine.cli import main
+def tiny_qwen3vl_lora(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random perception LoRA for the tiny Qwen3-VL: the bundles merge it, torch_ref applies it."""
     from export.tiny_lora import build_tiny_lora
 
-    root = tmp_path_factory.mktemp("onnx")
-    lora = build_tiny_lora(tiny_qwen3vl, root / "perception-lora", seed=0)
-    bundle = root / "bundle"
-    model, out = str(tiny_qwen3vl), str(bundle)
-    assert main(["export", "onnx", "--model", model, "--out", out, "--perception-lora", str(lora)]) == 0
-    return bundle
+    return build_tiny_lora(tiny_qwen3vl, tmp_path_factory.mktemp("lora") / "qwen3vl", seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_molmo2_onnx(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Molmo2 exported once to an fp32 ONNX bundle with `sparc-engine export onnx`."""
+def tiny_molmo2_lora(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random perception LoRA for the tiny Molmo2 (its q/v projections, vision tower's included)."""
+    from export.tiny_lora import build_tiny_lora
+
+    return build_tiny_lora(tiny_molmo2, tmp_path_factory.mktemp("lora") / "molmo2", seed=0)
+
+
+def _export_onnx(model: Path, lora: Path, out: Path) -> Path:
     from engine.cli import main
 
-    bundle = tmp_path_factory.mktemp("molmo2-onnx") / "bundle"
-    assert main(["export", "onnx", "--model", str(tiny_molmo2), "--out", str(bundle)]) == 0
-    return bundle
+    assert (
+        main(["export", "onnx", "--model", str(model), "--out", str(out), "--perception-lora", str(lora)])
+        == 0
+    )
+    return out
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3vl_gguf(tiny_qwen3vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported once to an f32 GGUF bundle (+ a 'perception' variant merged from a random
-    LoRA at `<bundle>.parent / "perception-lora"`); skips without llama-cpp-python."""
+def tiny_qwen3vl_onnx(
+    tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model exported once to an fp32 ONNX bundle, with a 'perception' variant merged from its LoRA."""
+    return _export_onnx(tiny_qwen3vl, tiny_qwen3vl_lora, tmp_path_factory.mktemp("onnx") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_molmo2_onnx(
+    tiny_molmo2: Path, tiny_molmo2_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny Molmo2 exported once to an fp32 ONNX bundle, with a 'perception' variant merged from its LoRA."""
+    return _export_onnx(tiny_molmo2, tiny_molmo2_lora, tmp_path_factory.mktemp("molmo2-onnx") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_gguf(
+    tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model exported once to an f32 GGUF bundle (+ a 'perception' variant merged from its
+    LoRA); skips without llama-cpp-python."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
     from engine.cli import main
-    from export.tiny_lora import build_tiny_lora
 
-    root = tmp_path_factory.mktemp("gguf")
-    lora = build_tiny_lora(tiny_qwen3vl, root / "perception-lora", seed=0)
-    bundle = root / "bundle"
+    bundle = tmp_path_factory.mktemp("gguf") / "bundle"
     args = ["export", "gguf", "--model", str(tiny_qwen3vl), "--out", str(bundle), "--quant", "f32"]
-    assert main([*args, "--perception-lora", str(lora)]) == 0
+    assert main([*args, "--perception-lora", str(tiny_qwen3vl_lora)]) == 0
     return bundle
 
 

@@ -1,19 +1,15 @@
-"""Helpers several test modules share: structured pictures, a runtime with fixed groundings, and a run of
-the whole pipeline in a fresh interpreter that reports which heavy libraries it loaded."""
+"""Helpers several test modules share: structured pictures, and a run of the whole pipeline in a fresh
+interpreter that reports which heavy libraries it loaded."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from engine.families.molmo2 import Molmo2Family
-from runtimes.protocol import Text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,28 +20,6 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1)
     return Image.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
-
-
-class FixedGrounding:
-    """Delegates to a real runtime but replaces the perceive stage's outputs with a fixed grounding text, so
-    a random model's pipeline gets regions and the reason stage runs on crops."""
-
-    def __init__(self, inner, perceive_marker: str, grounding: str) -> None:
-        self.inner, self.info = inner, inner.info
-        self.perceive_marker = perceive_marker  # text only the perceive prompt contains
-        self.grounding = grounding
-
-    def prefill(self, segments, variant):
-        return self.inner.prefill(segments, variant)
-
-    def generate(self, prefix, suffix, n, sampling):
-        generations = self.inner.generate(prefix, suffix, n, sampling)
-        if any(self.perceive_marker in s.text for s in suffix if isinstance(s, Text)):
-            generations = [replace(g, text=self.grounding) for g in generations]
-        return generations
-
-    def close(self) -> None:
-        pass
 
 
 _RUN_AND_LIST_MODULES = """
@@ -72,44 +46,6 @@ def run_in_fresh_interpreter(spec: dict) -> dict:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-MOLMO2_POINTS = '<points coords="1 1 250 300 2 750 650">a</points>'
-# the perceive prompt's fixed part (after the question) tells a perceive call from a reason call
-MOLMO2_PERCEIVE_MARKER = Molmo2Family.perceive_prompt.split("{question}")[-1].strip()
-
-
-def fixed_points(runtime) -> FixedGrounding:
-    return FixedGrounding(runtime, MOLMO2_PERCEIVE_MARKER, MOLMO2_POINTS)
-
-
-def molmo2_greedy_raw(bundle: Path, runtime: str) -> dict:
-    """SPARC with greedy rollouts: every stage is deterministic, so runtimes must agree exactly."""
-    return {
-        "model": {"bundle": str(bundle), "runtime": runtime, "device": "cpu"},
-        "stages": [
-            {"perceive": {"resolution": 512, "rollouts": 2, "temperature": 0.0, "max_new_tokens": 12}},
-            {"fuse": {"iou_thr": 0.5}},
-            {"crop": {"min_side": 64, "resolution": 378, "max_crops": 2}},
-            {"reason": {"resolution": 512, "max_new_tokens": 12}},
-        ],
-    }
-
-
-def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
-    """A pipeline run's --json result without wall times: what two runtimes must agree on exactly."""
-    from engine.pipeline import Pipeline
-    from engine.spec import validate
-
-    result = Pipeline(validate(spec), runtime).run(image, "What colour is the car?").to_dict()
-    for stage in result["stages"]:
-        stage.pop("ms")
-    return result
-
-
-def assert_two_regions_and_crops_seen(result: dict) -> None:
-    perceive, reason = result["stages"][0], result["stages"][-1]
-    assert len(result["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]
 
 
 def structured_image(width: int, height: int, seed: int) -> Image.Image:

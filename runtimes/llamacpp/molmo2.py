@@ -27,16 +27,15 @@ from typing import TYPE_CHECKING
 
 import llama_cpp
 import numpy as np
-import onnxruntime as ort
 
 from runtimes.families import molmo2 as image_layout
 from runtimes.llamacpp.family import ImagePath
 from runtimes.mrope import TokenizedPrompt
-from runtimes.onnx.molmo2 import Molmo2OnnxFamily
-from runtimes.onnx.session import open_session, pick_providers
 from runtimes.protocol import RuntimeInputError, Segment
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from runtimes.llamacpp.runtime import LlamaCppRuntime, _VariantModel
 
 
@@ -47,11 +46,16 @@ class _Graphs:
 
 
 class Molmo2ImagePath(ImagePath):
-    architectures = ("Molmo2ForConditionalGeneration",)
-
     """The runtime's image path for Molmo2 bundles: ONNX sessions per variant and the chunk decoding."""
 
+    architectures = ("Molmo2ForConditionalGeneration",)
+
     def __init__(self, runtime: LlamaCppRuntime, device: str) -> None:
+        # onnxruntime is imported when a Molmo2 bundle is opened, not with the runtime: a Qwen3-VL GGUF
+        # user does not pay its import at every start
+        from runtimes.onnx.molmo2 import Molmo2OnnxFamily
+        from runtimes.onnx.session import pick_providers
+
         super().__init__(runtime, device)
         # the ONNX graphs are fp32 whatever the text quant (the exporter writes them so)
         self.family = Molmo2OnnxFamily(runtime.manifest, runtime.tokenizer, np.float32)
@@ -59,6 +63,8 @@ class Molmo2ImagePath(ImagePath):
         runtime.options["n_ubatch"] = runtime.options["n_batch"]  # a whole image block per ubatch
 
     def open(self, variant: str) -> _Graphs:
+        from runtimes.onnx.session import open_session
+
         manifest, bundle = self.runtime.manifest, self.runtime.bundle
         vision, embed = (
             open_session(bundle / manifest.file(variant, r), self.providers) for r in ("vision", "embed")

@@ -123,7 +123,9 @@ def test_the_manifest_describes_a_molmo2_bundle(bundle, runtime):
     verify(bundle, manifest)  # every listed file is there with its sha256
     config = runtime.family.config
     assert manifest.architecture == "Molmo2ForConditionalGeneration" and manifest.format == "onnx"
-    assert manifest.variants == {"base": {r: f"base/{r}.onnx" for r in ("vision", "embed", "decoder")}}
+    assert manifest.variants["base"] == {r: f"base/{r}.onnx" for r in ("vision", "embed", "decoder")}
+    # the LoRA's q/v projections change the ViT and the text decoder; the embeddings are base's
+    assert manifest.variants["perception"] == {r: f"perception/{r}.onnx" for r in ("vision", "decoder")}
     assert manifest.tokens["image_token_id"] == config["image_patch_id"]
     assert manifest.tokens["eos_token_ids"] == runtime.eos_ids
     assert manifest.image.patch_size == 14 and manifest.image.mean == manifest.image.std == (0.5,) * 3
