@@ -57,7 +57,9 @@ from engine.spec import validate
 spec = validate(json.loads(sys.argv[1]))
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
 result = open_pipeline(spec).run(image, "Where is the cat?")
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
+# numba, pandas: what ensemble-boxes would pull in; the run path fuses with its own WBF
+exporters = {"torch", "transformers", "peft", "onnx"}
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {*exporters, "ensemble_boxes", "numba", "pandas"})
 print(json.dumps({"answer": result.answer, "heavy": heavy}))
 """
 
