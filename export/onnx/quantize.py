@@ -8,11 +8,15 @@ points). Activations stay fp32: the kernel dequantizes a block of the weight and
 
 Why MatMulNBits for int8 too, rather than `quantize_dynamic`: quantize_dynamic is not weight-only. It
 quantizes each activation to uint8 at run time with one scale per tensor (DynamicQuantizeLinear +
-MatMulInteger), so the error depends on the input's outliers, the very thing grounding coordinates are
-sensitive to. A plain QDQ graph (int8 weight -> DequantizeLinear -> MatMul) keeps activations fp32 but
+MatMulInteger), so one outlier in a row of activations coarsens the whole row. A plain QDQ graph (int8 weight -> DequantizeLinear -> MatMul) keeps activations fp32 but
 dequantizes the whole weight on every call, or lets constant folding bring the fp32 weight back into
 memory. MatMulNBits keeps the int8 weight in memory and dequantizes block by block inside the kernel, with
 block-wise scales that follow the weight's local range, and int8 and int4 then differ in one number.
+
+The price, measured on CPU with onnxruntime 1.32 (benchmarks/quant.py, ~65M model): its MatMulNBits kernel
+has a fast fp32-compute path for 4 bits but not for 8, so int8 decodes 5-7x slower than fp32 while int4
+decodes about 2x faster. accuracy_level 4 would make int8 fast on CPU (0.55x fp32's decode time) by quantizing
+the activations to int8 block by block, at 1.5x the logit drift: not what int8 is for here.
 
 What stays fp32: the vision tower (its linear layers are `Gemm` on the 2-D patch matrix, which the
 quantizer leaves alone; the GGUF bundles likewise keep their vision projector f16, since what the model

@@ -1,10 +1,10 @@
 """`sparc-engine export onnx --quant int8|int4` on the tiny Qwen3-VL: the manifest, smaller graphs, logits
 close to the fp32 bundle's, and the pipeline on the quantized bundle.
 
-Drift, measured here against the fp32 bundle of the same checkpoint (last-token logits of image prompts
-64x64 to 256x256 px; the logits span about 6): int8 0.04-0.07 max abs, int4 0.7-1.1. The tiny model's
-random weights (std 0.08, no structure) are the hard case for 4 bits: a block of 32 such weights has 15
-levels over about 4 standard deviations. The tests allow 0.15 and 2.0.
+Drift, measured here against the fp32 bundle of the same checkpoint (last-token logits of the test's
+prompts, 64x64 to 256x256 px, base and perception variants; the logits span 5-7): int8 0.05-0.074 max
+abs, int4 0.89-1.20. The tiny model's random weights (std 0.08, no structure) are the hard case for 4 bits:
+a block of 32 such weights gets 15 levels over about 4 standard deviations. The tests allow 0.15 and 2.0.
 """
 
 from __future__ import annotations
