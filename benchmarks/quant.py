@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # a plain script: run from a checkout without ins
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.workload import write_report  # noqa: E402
 from engine.cli import main as cli  # noqa: E402
 from engine.families import family_for  # noqa: E402
 from export.tiny import TINY_QWEN3VL, TinyQwen3VLSizes, build_tiny_qwen3vl_cached  # noqa: E402
@@ -187,10 +187,7 @@ def main() -> int:
     fp32 = {**measured["fp32"]}
     rows = {name: compare(row, fp32) for name, row in measured.items()}
     report = {"model": str(model), "resolution": args.resolution, "tokens": args.tokens, "bundles": rows}
-    (args.out / "quant.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(rows, args)
-    (args.out / "quant.md").write_text(table)
-    print(table, end="")
+    write_report(args.out, "quant", report, markdown(rows, args))
     return 0
 
 
