@@ -131,6 +131,7 @@ def _mean_row(cluster: np.ndarray, conf_type: str) -> np.ndarray:
     corners /= total
     score = cluster[:, SCORE].max() if conf_type == "max" else total / len(cluster)
     weight = sum(row[WEIGHT] for row in cluster)
+    # MODEL -1: a fused row stands for several models (the cluster's rows keep theirs)
     return np.array([np.float32(score), np.float32(weight), -1, *corners], dtype=np.float64)
 
 
