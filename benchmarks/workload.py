@@ -1,8 +1,9 @@
-"""The perception workload both benchmarks measure, as command-line arguments they share."""
+"""What the benchmarks share: the perception workload's command-line arguments, one-line errors, reports."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,3 +37,11 @@ def run_benchmark(main: Callable[[], int]) -> NoReturn:
     except (UserError, RuntimeInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def write_report(out: Path, stem: str, report: dict, table: str) -> None:
+    """OUT/<stem>.json and OUT/<stem>.md, and the markdown table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table, end="")

@@ -85,8 +85,13 @@ def boxes_to_array(boxes: Sequence[Box]) -> np.ndarray:
 
 def pairwise_iou(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
     """(len(a), len(b)) IoU matrix; pairs whose union is empty get 0."""
-    ax1, ay1, ax2, ay2 = boxes_to_array(a).T[:, :, None]  # each (A, 1)
-    bx1, by1, bx2, by2 = boxes_to_array(b).T[:, None, :]  # each (1, B)
+    return iou_matrix(boxes_to_array(a), boxes_to_array(b))
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, B) IoU of (A, 4) and (B, 4) arrays of [x1, y1, x2, y2]; pairs whose union is empty get 0."""
+    ax1, ay1, ax2, ay2 = a.T[:, :, None]  # each (A, 1)
+    bx1, by1, bx2, by2 = b.T[:, None, :]  # each (1, B)
     inter_w = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)  # (A, B)
     inter_h = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
     inter = inter_w * inter_h

@@ -33,6 +33,12 @@ def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="weights and float inputs/outputs of the graphs (fp16: strongly typed, for TensorRT 11)",
     )
+    parser.add_argument(
+        "--quant",
+        choices=("int8", "int4"),
+        help="weight-only quantization of the MatMul weights (onnxruntime's MatMulNBits; activations stay "
+        "fp32; needs onnxruntime); default: none",
+    )
 
 
 def _gguf_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,9 @@ them with the TorchScript exporter, merges the LoRA, and writes the manifest wit
 only strongly typed networks): every float input and output (pixel_values, interp_weights,
 inputs_embeds, deepstack_embeds, past/present KV, image_embeds, logits) is float16; ids, positions and
 masks stay int64. Norms and softmax still upcast to float32 inside, as transformers does.
+
+--quant int8|int4 then rewrites the written graphs with weight-only quantized MatMuls (export/onnx/quantize.py);
+the manifest's dtype stays fp32 (the graphs' inputs and outputs) and model.quant records what was quantized.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import shutil
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -36,6 +41,9 @@ from export.onnx.base import Graph, OnnxFamily
 from runtimes.bundle import MANIFEST, Manifest, sha256_file, write_manifest
 from runtimes.protocol import RuntimeInputError
 from runtimes.registry import architecture_of
+
+if TYPE_CHECKING:
+    import onnx
 
 OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -53,11 +61,18 @@ def export_onnx(args: argparse.Namespace) -> Path:
     family_class = OnnxFamily.registry.lookup(architecture)
     if lora and not (lora / "adapter_config.json").is_file():
         raise RuntimeInputError(f"--perception-lora {lora}: not a PEFT adapter (no adapter_config.json)")
+    if args.quant and args.dtype != "fp32":
+        raise RuntimeInputError(f"--quant {args.quant} quantizes fp32 weights: use it with --dtype fp32")
     family = family_class(config, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the manifest is rewritten
 
-    steps = [*family.roles, *(["perception"] if lora else []), "manifest"]
+    steps = [
+        *family.roles,
+        *(["perception"] if lora else []),
+        *(["quantize"] if args.quant else []),
+        "manifest",
+    ]
     with tqdm(total=len(steps), desc="export onnx", unit="step", file=sys.stderr) as progress:
         base = _load(model_dir, DTYPES[args.dtype])
         variants: dict[str, dict[str, str]] = {"base": {}}
@@ -69,6 +84,15 @@ def export_onnx(args: argparse.Namespace) -> Path:
             progress.set_postfix_str("perception")
             variants["perception"] = _export_perception(
                 family, base, model_dir, lora, DTYPES[args.dtype], out
+            )
+            progress.update()
+        quant = None
+        if args.quant:
+            from export.onnx.quantize import quantize_graphs
+
+            progress.set_postfix_str(f"quantize {args.quant}")
+            quant = quantize_graphs(
+                out, [f for roles in variants.values() for f in roles.values()], args.quant
             )
             progress.update()
         progress.set_postfix_str("manifest")
@@ -83,7 +107,12 @@ def export_onnx(args: argparse.Namespace) -> Path:
             variants=variants,
             files=_checksums(out, variants),
             tools=_versions("torch", "transformers", "onnx", "onnxruntime", "peft"),
-            model={**family.sizes(), "opset": OPSET, "perception_lora": str(lora) if lora else None},
+            model={
+                **family.sizes(),
+                "opset": OPSET,
+                "perception_lora": str(lora) if lora else None,
+                "quant": asdict(quant) if quant else None,  # dtype stays the graphs' float inputs/outputs
+            },
         )
         write_manifest(out, manifest)
         progress.update()
@@ -149,10 +178,17 @@ def gather_external_data(source: Path, path: Path) -> None:
     writes past protobuf's 2 GB limit) as `path` plus a single `<name>.data`, which the manifest lists."""
     import onnx
 
+    save_graph(onnx.load(str(source)), path, external=True)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write a graph to `path`; with `external`, its weights go to one `<name>.data` beside it."""
+    import onnx
+
     onnx.save_model(
-        onnx.load(str(source)),
+        model,
         str(path),
-        save_as_external_data=True,
+        save_as_external_data=external,
         all_tensors_to_one_file=True,
         location=path.name + ".data",
     )

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.boxes import Box
-from engine.fusion import CONF_TYPES, Region, fusable, fuse_rollouts
+from engine.fusion import CONF_TYPES, Region, fusable, fuse_rollouts, weighted_boxes_fusion
 
 CAT = Box(0.2, 0.3, 0.5, 0.6, "cat")
 DOG = Box(0.6, 0.1, 0.9, 0.4, "dog")
@@ -17,7 +17,7 @@ def jittered(box: Box, rng: np.random.Generator, sigma: float = 0.01) -> Box:
 
 
 def fuse_strictly(rollouts, **kwargs) -> list[Region]:
-    """fuse_rollouts with every warning turned into an error (ensemble_boxes warns on bad input)."""
+    """fuse_rollouts with every warning turned into an error (numpy warns on a division by zero)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return fuse_rollouts(rollouts, **kwargs)
@@ -95,7 +95,7 @@ def test_every_conf_type_is_accepted(conf_type):
     assert [r.score for r in regions] == pytest.approx([2 / 3, 1 / 3])
 
 
-def test_unknown_conf_type_is_rejected_before_ensemble_boxes_exits():
+def test_unknown_conf_type_is_rejected():
     with pytest.raises(ValueError, match="conf_type"):
         fuse_rollouts([[CAT]], conf_type="mean")
 
@@ -135,3 +135,75 @@ def test_fuzz_regions_are_valid_and_sorted(rollouts, iou_thr, min_agreement, con
 def test_boxes_thinner_than_float32_resolution_are_not_fused():
     sliver = Box(0.0, 0.0, 1e-149, 1.0)
     assert fuse_rollouts([[sliver, sliver]]) == []
+
+
+# Our weighted_boxes_fusion against ensemble_boxes' (a dev dependency, for this proof only).
+# Coordinates include values outside [0, 1], swapped corners and repeats (zero-area boxes, exact IoU
+# ties); scores and weights repeat too, so that sort ties and threshold boundaries are exercised.
+coordinate = st.one_of(st.floats(-0.2, 1.2), st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]))
+model_boxes = st.lists(
+    st.tuples(
+        st.tuples(coordinate, coordinate, coordinate, coordinate),
+        st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.5, 1.0])),  # score
+        st.integers(0, 2),  # label
+    ),
+    max_size=10,
+)
+
+
+def as_arrays(models):
+    boxes = [np.array([b for b, _, _ in m], dtype=np.float64).reshape(-1, 4) for m in models]
+    scores = [np.array([s for _, s, _ in m], dtype=np.float64) for m in models]
+    labels = [np.array([label for _, _, label in m]) for m in models]
+    return boxes, scores, labels
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    models=st.lists(model_boxes, max_size=8),  # past 16 boxes a label, numpy's sort is not stable
+    weights=st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 2.0]) | st.floats(0.1, 3.0))),
+    iou_thr=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.25, 0.5, 0.55])),
+    skip_box_thr=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    conf_type=st.sampled_from(CONF_TYPES),
+)
+def test_fuzz_equals_ensemble_boxes(models, weights, iou_thr, skip_box_thr, conf_type):
+    reference = pytest.importorskip("ensemble_boxes").weighted_boxes_fusion
+    if weights is not None:
+        weights = (weights * (len(models) // max(len(weights), 1) + 1))[: len(models)] or None
+    boxes, scores, labels = as_arrays(models)
+    options = {"weights": weights, "iou_thr": iou_thr, "skip_box_thr": skip_box_thr, "conf_type": conf_type}
+    with warnings.catch_warnings():
+        # it warns about every box it clips, swaps or skips; both divide 0 by 0 for a cluster of zero scores
+        warnings.simplefilter("ignore")
+        expected = reference(boxes, scores, labels, **options)
+        got = weighted_boxes_fusion(boxes, scores, labels, **options)
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(ours, theirs, strict=True)  # bit for bit, NaN where it has NaN
+
+
+def test_wbf_fuses_a_cluster_into_its_score_weighted_mean():
+    boxes = [np.array([[0.1, 0.1, 0.5, 0.5]]), np.array([[0.2, 0.2, 0.6, 0.6], [0.8, 0.8, 0.9, 0.9]])]
+    scores = [np.array([1.0]), np.array([0.5, 0.9])]
+    labels = [np.array([0]), np.array([0, 1])]
+    fused = weighted_boxes_fusion(boxes, scores, labels, iou_thr=0.3)  # the first two: IoU 0.39
+    np.testing.assert_allclose(
+        fused.boxes, [[0.2 / 1.5, 0.2 / 1.5, 0.8 / 1.5, 0.8 / 1.5], [0.8, 0.8, 0.9, 0.9]], atol=1e-6
+    )
+    # avg: the mean score of a cluster, times min(models, its boxes) / the models' total weight
+    np.testing.assert_allclose(fused.scores, [0.75, 0.9 / 2], atol=1e-6)
+    assert fused.labels.tolist() == [0.0, 1.0]
+
+
+def test_wbf_of_nothing_is_empty():
+    fused = weighted_boxes_fusion([np.zeros((0, 4))], [np.zeros(0)], [np.zeros(0)])
+    assert fused.boxes.shape == (0, 4) and fused.scores.shape == fused.labels.shape == (0,)
+
+
+def test_wbf_refuses_mismatched_inputs():
+    one = ([np.zeros((1, 4))], [np.ones(1)], [np.zeros(1)])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_boxes_fusion(*one, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="2 scores"):
+        weighted_boxes_fusion([np.zeros((1, 4))], [np.ones(2)], [np.zeros(1)])
+    with pytest.raises(ValueError, match="conf_type"):
+        weighted_boxes_fusion(*one, conf_type="mean")

@@ -128,7 +128,9 @@ def test_fp16_graphs_are_typed_fp16_and_close_to_fp32(tiny_qwen3vl: Path, tmp_pa
 
     from engine.families import family_for
 
-    args = argparse.Namespace(model=tiny_qwen3vl, out=tmp_path / "b16", perception_lora=None, dtype="fp16")
+    args = argparse.Namespace(
+        model=tiny_qwen3vl, out=tmp_path / "b16", perception_lora=None, dtype="fp16", quant=None
+    )
     bundle = export_onnx(args)
     assert read_manifest(bundle).dtype == "fp16"
     decoder = onnx.load(str(bundle / "base/decoder.onnx"))
@@ -150,7 +152,9 @@ def test_unknown_architectures_are_refused(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (tmp_path / "m" / "tokenizer.json").write_text("{}")
-    args = argparse.Namespace(model=tmp_path / "m", out=tmp_path / "b", perception_lora=None, dtype="fp32")
+    args = argparse.Namespace(
+        model=tmp_path / "m", out=tmp_path / "b", perception_lora=None, dtype="fp32", quant=None
+    )
     with pytest.raises(
         RuntimeInputError, match="ONNX export: architecture 'LlamaForCausalLM' is not registered"
     ):

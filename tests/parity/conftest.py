@@ -1,135 +1,17 @@
-"""The parity suite's axes, (model family x runtime x weights variant x image size), and what each
-runtime needs to show its logits.
-
-Every runtime is compared with `torch_ref` (itself compared with transformers in test_reference.py). A
-model is a tiny random checkpoint of a family's real architecture; its bundles are exported once per
-session (tests/conftest.py). Tolerances are per runtime and model, measured on these models and stated
-where they are set.
-"""
+"""The parity suite's fixtures: the models only it uses, and runtimes opened once per session."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.parity.models import Case
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-
-from runtimes.protocol import Prefix, Segment  # noqa: E402
-from runtimes.torch_ref import TorchRefRuntime  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Max abs difference of last-token logits from torch_ref, on text-only prompts and on image prompts."""
-
-    text: float
-    image: float
-
-
-@dataclass(frozen=True)
-class Bundle:
-    fixture: str  # the session fixture that exports it
-    variants: tuple[str, ...]
-    tolerance: Tolerance
-
-
-# ONNX fp32: ~5e-6 measured (Qwen3-VL), ~3e-6 (Molmo2). llama.cpp f32 GGUF, f32 KV, flash attention off:
-# Qwen3-VL text within ~2.5e-6, with images ~1.5e-3 (libmtmd's vision tower: most likely ggml's CPU GELU,
-# which rounds its input to f16 for a table lookup; greedy winners lead by >= 0.17 on these prompts);
-# Molmo2 (ONNX vision + Qwen3 text GGUF) ~2e-6.
-FP32 = Tolerance(text=2e-5, image=2e-5)
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    checkpoint: str  # the session fixture that builds the tiny checkpoint
-    lora: str | None  # the session fixture of its random perception LoRA
-    bundles: dict[str, Bundle]  # runtime -> its bundle
-    views: tuple[tuple[tuple[int, int], int | None], ...]  # (image width x height, resolution)
-    question: str
-    new_tokens: int  # greedy tokens compared per sequence (the tiny model makes that many before any eos)
-    # pipeline resolutions: the view both stages share, another for the perceive stage, the crops'
-    pipeline: tuple[int, int, int]
-
-
-MODELS = (
-    Model(
-        "qwen3vl",
-        "tiny_qwen3vl",
-        "tiny_qwen3vl_lora",
-        {
-            "onnx": Bundle("tiny_qwen3vl_onnx", ("base", "perception"), FP32),
-            "llamacpp": Bundle("tiny_qwen3vl_gguf", ("base", "perception"), Tolerance(1e-4, 5e-3)),
-        },
-        (((64, 64), None), ((96, 160), None), ((200, 72), None)),
-        "where is the dog?",
-        24,
-        (128, 96, 96),
-    ),
-    Model(
-        "molmo2",
-        "tiny_molmo2",
-        "tiny_molmo2_lora",
-        {
-            "onnx": Bundle("tiny_molmo2_onnx", ("base", "perception"), FP32),
-            # the hybrid GGUF export refuses a LoRA (export/gguf/molmo2.py)
-            "llamacpp": Bundle("tiny_molmo2_gguf", ("base",), FP32),
-        },
-        (((64, 64), 512), ((300, 500), 644)),
-        "Point to the dog.",
-        16,
-        (512, 378, 378),
-    ),
-    Model(
-        # 84 px crops of 14 px patches (36 position embeddings), constants from the vision config alone
-        "molmo2-crop84",
-        "tiny_molmo2_crop84",
-        None,
-        {"onnx": Bundle("tiny_molmo2_crop84_onnx", ("base",), FP32)},
-        (((200, 120), None), ((90, 260), 170)),
-        "Point to the dog.",
-        16,
-        (170, 84, 84),
-    ),
-)
-
-
-@dataclass(frozen=True)
-class Case:
-    model: Model
-    runtime: str
-    variant: str = "base"
-    view: tuple[tuple[int, int], int | None] | None = None
-
-    def __str__(self) -> str:
-        parts = [self.model.name, self.runtime, self.variant]
-        if self.view is not None:
-            (width, height), resolution = self.view
-            parts.append(f"{width}x{height}@{resolution or 'full'}")
-        return "-".join(parts)
-
-    @property
-    def bundle(self) -> Bundle:
-        return self.model.bundles[self.runtime]
-
-
-def cases(*, variants: bool = False, views: bool = False) -> list[Case]:
-    """Every (model, runtime), times its variants and its views where asked."""
-    found = []
-    for model in MODELS:
-        for runtime, bundle in model.bundles.items():
-            for variant in bundle.variants if variants else ("base",):
-                for view in model.views if views else (None,):
-                    found.append(Case(model, runtime, variant, view))
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +44,7 @@ def opened() -> Iterator[dict]:
 def pair(request: pytest.FixtureRequest, opened: dict, case: Case):
     """(the runtime under test, torch_ref on the same checkpoint and LoRA) for a case."""
     from runtimes import open_runtime
+    from runtimes.torch_ref import TorchRefRuntime
 
     bundle = request.getfixturevalue(case.bundle.fixture)
     checkpoint = request.getfixturevalue(case.model.checkpoint)
@@ -171,48 +54,3 @@ def pair(request: pytest.FixtureRequest, opened: dict, case: Case):
     if ("torch_ref", checkpoint) not in opened:
         opened["torch_ref", checkpoint] = TorchRefRuntime(checkpoint, device="cpu", perception_lora=lora)
     return opened[case.runtime, bundle], opened["torch_ref", checkpoint]
-
-
-def family_of(runtime):
-    from engine.families import family_for
-
-    return family_for(runtime.info.architecture, runtime.info.image)
-
-
-def last_logits(prefix: Prefix) -> np.ndarray:
-    """Logits after a prefix's last token (every runtime keeps them in the prefix state)."""
-    state = prefix.state
-    return state.logits if hasattr(state, "logits") else state[1]
-
-
-def _torch_ref_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:
-    prompt = runtime._tokenize(suffix, prefix.next_position)
-    cache = copy.deepcopy(prefix.state[0])
-    return runtime._forward(prefix.variant, prompt, cache, prefix.n_tokens, prefix.token_ids)
-
-
-def _onnx_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:
-    prompt = runtime._tokenize(suffix, prefix.next_position)
-    graphs = runtime.graphs(prefix.variant)
-    return runtime._forward(graphs, prompt, prefix.state[0], prefix.n_tokens, prefix.token_ids)[0]
-
-
-def _llamacpp_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:
-    """Decoded on a copy of the prefix's sequence (a working slot), which is cleared afterwards."""
-    import llama_cpp
-
-    model = runtime.model(prefix.variant)
-    work = model.working[0]
-    llama_cpp.llama_memory_seq_cp(model.memory, prefix.state.lease.seq_id, work, -1, -1)
-    try:
-        return runtime._eval(model, suffix, work, prefix.next_position)[2]
-    finally:
-        model.clear(work)
-
-
-# runtime -> last-token logits of a suffix run on top of a prefix, the prefix left as it was
-SUFFIX_LOGITS: dict[str, Callable[..., np.ndarray]] = {
-    "torch_ref": _torch_ref_suffix,
-    "onnx": _onnx_suffix,
-    "llamacpp": _llamacpp_suffix,
-}

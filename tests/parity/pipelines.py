@@ -2,40 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from PIL import Image
 
-from engine.boxes import Box
-from engine.pipeline import Pipeline
-from engine.spec import validate
-from runtimes.protocol import Text
-from tests.parity.conftest import Case, family_of
-
-BOXES = (Box(0.1, 0.15, 0.4, 0.5, "a"), Box(0.6, 0.1, 0.9, 0.3, "b"))
-
-
-class FixedGrounding:
-    """Delegates to a real runtime but answers the perceive prompt with the family's own grounding of
-    BOXES, so that a random model's pipeline gets regions and the reason stage runs on crops."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.info, self.eos_ids = inner, inner.info, inner.eos_ids
-        family = family_of(inner)
-        self.marker = family.perceive_prompt.split("{question}")[-1].format().strip()  # only perceive has it
-        self.grounding = family.grounding_target(BOXES)
-
-    def prefill(self, segments, variant):
-        return self.inner.prefill(segments, variant)
-
-    def generate(self, prefix, suffix, n, sampling):
-        generations = self.inner.generate(prefix, suffix, n, sampling)
-        if any(self.marker in s.text for s in suffix if isinstance(s, Text)):
-            generations = [replace(g, text=self.grounding) for g in generations]
-        return generations
-
-    def close(self) -> None:
-        pass
+from tests.parity.models import Case, family_of
+from tests.support import timeless_result
 
 
 def pipeline_spec(case: Case, stages: str, reuse: bool = True) -> dict:
@@ -55,17 +25,6 @@ def pipeline_spec(case: Case, stages: str, reuse: bool = True) -> dict:
             {"reason": {"resolution": view, "max_new_tokens": 12}},
         ],
     }
-
-
-def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
-    """A pipeline run's --json result with every stage's outputs and without wall times: what two runtimes
-    must agree on exactly."""
-    result = Pipeline(validate(spec), runtime).run(image, "What colour is the car?")
-    timeless = result.to_dict()
-    for stage, trace in zip(timeless["stages"], result.stages, strict=True):
-        stage.pop("ms")
-        stage["outputs"] = trace.outputs
-    return timeless
 
 
 def assert_reuse_changes_only_the_accounting(

@@ -12,14 +12,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from runtimes.protocol import Sampling
-from tests.parity.conftest import MODELS, Case, Model, family_of
-from tests.parity.pipelines import (
-    FixedGrounding,
-    assert_reuse_changes_only_the_accounting,
-    pipeline_spec,
-    timeless_result,
-)
-from tests.support import picture
+from tests.parity.models import MODELS, Case, Model, family_of
+from tests.parity.pipelines import assert_reuse_changes_only_the_accounting, pipeline_spec
+from tests.support import FixedGrounding, picture, timeless_result
 
 ATOL = 1e-4  # torch_ref's KV-cached chunks against one transformers forward: ~1e-6 measured
 

@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from runtimes.protocol import Sampling, Text
-from tests.parity.conftest import SUFFIX_LOGITS, Case, cases, family_of, last_logits
-from tests.parity.pipelines import (
-    FixedGrounding,
-    assert_reuse_changes_only_the_accounting,
-    pipeline_spec,
-    timeless_result,
-)
-from tests.support import picture
+from tests.parity.models import SUFFIX_LOGITS, Case, cases, family_of, last_logits
+from tests.parity.pipelines import assert_reuse_changes_only_the_accounting, pipeline_spec
+from tests.support import FixedGrounding, picture, timeless_result
 
 
 def assert_same_run(case: Case, ours, theirs, prefix_segments, suffix, n: int = 3) -> None:

@@ -1,0 +1,147 @@
+"""`sparc-engine export onnx --quant int8|int4` on the tiny Qwen3-VL: the manifest, smaller graphs, logits
+close to the fp32 bundle's, and the pipeline on the quantized bundle.
+
+Drift, measured here against the fp32 bundle of the same checkpoint (last-token logits of the test's
+prompts, 64x64 to 256x256 px, base and perception variants; the logits span 5-7): int8 0.05-0.074 max
+abs, int4 0.89-1.20. The tiny model's random weights (std 0.08, no structure) are the hard case for 4 bits:
+a block of 32 such weights gets 15 levels over about 4 standard deviations. The tests allow 0.15 and 2.0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from engine.cli import main  # noqa: E402
+from engine.families import family_for  # noqa: E402
+from runtimes.bundle import read_manifest, verify  # noqa: E402
+from runtimes.onnx import OnnxRuntime  # noqa: E402
+from tests.support import FixedGrounding, picture, timeless_result  # noqa: E402
+
+DRIFT = {"int8": 0.15, "int4": 2.0}
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_qwen3vl: Path, tiny_qwen3vl_onnx: Path, tmp_path_factory) -> dict[str, Path]:
+    """The fp32 bundle and its int8 and int4 twins, each with the same perception LoRA merged."""
+    lora = tiny_qwen3vl_onnx.parent / "perception-lora"
+    found = {"fp32": tiny_qwen3vl_onnx}
+    for quant in DRIFT:
+        out = tmp_path_factory.mktemp(quant) / "bundle"
+        args = ["--model", str(tiny_qwen3vl), "--out", str(out), "--perception-lora", str(lora)]
+        assert main(["export", "onnx", *args, "--quant", quant]) == 0
+        found[quant] = out
+    return found
+
+
+@pytest.fixture(scope="module")
+def runtimes(bundles: dict[str, Path]) -> dict[str, OnnxRuntime]:
+    return {name: OnnxRuntime(bundle, device="cpu") for name, bundle in bundles.items()}
+
+
+def weight_matmuls(graph: Path) -> int:
+    """MatMul nodes whose second input is a constant weight: what the quantizer rewrites."""
+    model = onnx.load(str(graph))
+    weights = {t.name for t in model.graph.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+
+
+@pytest.mark.parametrize("quant", DRIFT)
+def test_manifest_records_the_quantization(bundles, quant) -> None:
+    manifest = read_manifest(bundles[quant])
+    verify(bundles[quant], manifest)  # every file matches its sha256
+    assert manifest.dtype == "fp32"  # the graphs' inputs and outputs
+    assert read_manifest(bundles["fp32"]).model["quant"] is None
+    record = manifest.model["quant"]
+    assert (record["method"], record["bits"], record["symmetric"]) == (quant, int(quant[3:]), True)
+    fp32 = bundles["fp32"]
+    assert record["nodes"] == {
+        "base/vision.onnx": 0,  # Gemm layers: left as exported
+        "base/embed.onnx": int(quant == "int4"),  # the table, as GatherBlockQuantized
+        "base/decoder.onnx": weight_matmuls(fp32 / "base/decoder.onnx"),
+        "perception/decoder.onnx": weight_matmuls(fp32 / "perception/decoder.onnx"),
+    }
+    decoder = onnx.load(str(bundles[quant] / "base/decoder.onnx"))
+    assert weight_matmuls(bundles[quant] / "base/decoder.onnx") == 0
+    bits = {
+        a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    }
+    assert bits == {record["bits"]}
+
+
+def test_quantized_graphs_are_smaller(bundles) -> None:
+    def size(name: str, relative: str) -> int:
+        return (bundles[name] / relative).stat().st_size
+
+    for relative in ("base/decoder.onnx", "perception/decoder.onnx"):
+        assert size("int4", relative) < size("int8", relative) < size("fp32", relative) / 2
+        assert size("int4", relative) < size("fp32", relative) / 4
+    assert size("int4", "base/embed.onnx") < size("fp32", "base/embed.onnx") / 4
+    assert size("int8", "base/embed.onnx") == size("fp32", "base/embed.onnx")
+    assert size("int8", "base/vision.onnx") == size("fp32", "base/vision.onnx")
+
+
+@pytest.mark.parametrize("quant", DRIFT)
+@pytest.mark.parametrize("variant", ["base", "perception"])
+def test_logit_drift_against_fp32_is_bounded(runtimes, quant, variant) -> None:
+    fp32 = runtimes["fp32"]
+    family = family_for(fp32.info.architecture, fp32.info.image)
+    for size in [(64, 64), (96, 160), (256, 256)]:
+        image = family.prepare_image(picture(*size), None, f"drift{size}")
+        # the whole prompt: its last logits pick the first answer token
+        prompt = [*family.image_prefix(image), *family.question_suffix("where is the dog?")]
+        expected = fp32.prefill(prompt, variant).state[1]
+        got = runtimes[quant].prefill(prompt, variant).state[1]
+        drift = np.abs(got - expected).max()
+        assert 0 < drift <= DRIFT[quant], f"{quant} {variant} {size}: drift {drift:.3f}"
+
+
+@pytest.mark.parametrize("quant", DRIFT)
+def test_the_pipeline_runs_on_a_quantized_bundle(bundles, runtimes, quant) -> None:
+    def raw(bundle: Path) -> dict:
+        return {
+            "model": {"bundle": str(bundle), "runtime": "onnx", "device": "cpu"},
+            "stages": [
+                {
+                    "perceive": {
+                        "resolution": 128,
+                        "rollouts": 3,
+                        "max_new_tokens": 16,
+                        "variant": "perception",
+                    }
+                },
+                {"fuse": {}},
+                {"crop": {"min_side": 32, "resolution": 96}},
+                {"reason": {"resolution": 128, "max_new_tokens": 12}},
+            ],
+        }
+
+    image = picture(300, 200, seed=3)
+    # with the boxes fixed, everything but the answer's text is the fp32 bundle's: regions, crops, tokens
+    results = {
+        name: timeless_result(raw(bundles[name]), FixedGrounding(runtimes[name]), image)
+        for name in ("fp32", quant)
+    }
+    assert len(results[quant]["regions"]) == 2 and results[quant]["crops"]
+    answers = {name: result.pop("answer") for name, result in results.items()}
+    for result in results.values():
+        result["stages"][-1].pop("outputs")  # the answer's text, popped above
+        for stage in result["stages"]:
+            stage.pop("generated_tokens")  # a rollout or the answer may stop at another length
+    assert results[quant] == results["fp32"]
+    assert isinstance(answers[quant], str)
+    # and the model's own (sampled) localizations, parsed or not, run through to an answer
+    assert isinstance(timeless_result(raw(bundles[quant]), runtimes[quant], image)["answer"], str)
+
+
+def test_quant_needs_fp32_weights(tiny_qwen3vl: Path, tmp_path: Path, capsys) -> None:
+    args = ["export", "onnx", "--model", str(tiny_qwen3vl), "--out", str(tmp_path / "b")]
+    assert main([*args, "--dtype", "fp16", "--quant", "int8"]) == 1
+    assert "--quant int8 quantizes fp32 weights" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before any work
