@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,3 +112,56 @@ def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
 def assert_two_regions_and_crops_seen(result: dict) -> None:
     perceive, reason = result["stages"][0], result["stages"][-1]
     assert len(result["regions"]) == 2 and reason["visual_tokens"] > perceive["visual_tokens"]
+
+
+DEMO_SPEC = ROOT / "specs" / "demo.yaml"
+# longer than the tiny model's 4096-token context: the runtime refuses it, and only that query fails
+OVERFLOWING_QUESTION = "word " * 5000
+
+
+def demo_overrides(bundle: Path, perceive_tokens: int = 8, reason_tokens: int = 4) -> list[str]:
+    """`--set` arguments running specs/demo.yaml on the tiny ONNX bundle, with small budgets."""
+    values = {
+        "model.bundle": bundle,
+        "model.device": "cpu",
+        "stages.0.perceive.max_new_tokens": perceive_tokens,
+        "stages.3.reason.max_new_tokens": reason_tokens,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def write_dataset(folder: Path, n: int, overflow_ids: Sequence[str] = ()) -> Path:
+    """rows.jsonl of n rows r0..r{n-1}, each with its own picture (no two rows share an image's KV, so a
+    row's token counts do not depend on which rows ran before it); `overflow_ids` ask OVERFLOWING_QUESTION."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        row_id = f"r{i}"
+        picture(160 + 16 * (i % 5), 120, seed=i).save(folder / f"{row_id}.png")
+        question = OVERFLOWING_QUESTION if row_id in overflow_ids else f"What is in corner {i}?"
+        lines.append(json.dumps({"id": row_id, "image": f"{row_id}.png", "question": question, "n": i}))
+    path = folder / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """An output JSONL by id, wall times dropped (all else is deterministic); asserts no id is repeated."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    by_id = {record["id"]: record for record in records}
+    assert len(by_id) == len(records), "an id is written twice"
+    for record in records:
+        for stage in record["stages"]:
+            stage.pop("ms")
+    return by_id
+
+
+def wait_for_lines(path: Path, n: int, process: subprocess.Popen, timeout: float = 120) -> int:
+    """Waits until `path` has at least n lines (or the process ended); returns the count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = path.read_bytes().count(b"\n") if path.is_file() else 0
+        if count >= n or process.poll() is not None:
+            return count
+        time.sleep(0.02)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s")
