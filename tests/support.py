@@ -1,12 +1,14 @@
-"""Helpers several test modules share: structured pictures, a runtime with fixed groundings, and a run of
+"""Helpers several test modules share: structured pictures, hand-made PNGs, a runtime with fixed groundings, and a run of
 the whole pipeline in a fresh interpreter that reports which heavy libraries it loaded."""
 
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,28 @@ from engine.families.molmo2 import Molmo2Family
 from runtimes.base import Text
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand (rows: filter byte + packed samples per row), for modes Pillow cannot save."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def blank_bitmap_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG: huge in pixels, a few hundred kB on disk."""
+    row = b"\0" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    rows_per_step = 1000
+    data = b"".join(
+        compressor.compress(row * min(rows_per_step, height - start))
+        for start in range(0, height, rows_per_step)
+    )
+    return png_bytes(width, height, 1, 0, data + compressor.flush())
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
