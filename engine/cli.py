@@ -24,6 +24,7 @@ EPILOG = """examples:
   sparc-engine run specs/qwen3vl-sparc.yaml --dataset questions.jsonl --out answers.jsonl
   sparc-engine run specs/demo.yaml --dataset questions.jsonl --out answers.jsonl --ray --workers 2
   sparc-engine validate specs/qwen3vl-sparc.yaml --set stages.0.perceive.rollouts=4
+  sparc-engine serve specs/demo.yaml --port 8080
   sparc-engine data synth --out data/shapes --n 200 --seed 1
   sparc-engine eval specs/demo.yaml specs/demo/baseline-256.yaml --dataset data/shapes/rows.jsonl --out out/eval
   sparc-engine train perception-lora --model CKPT --dataset rows.jsonl --out adapters/perception
@@ -42,6 +43,36 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add_overrides_argument(
         parser, "override a spec value, e.g. --set model.runtime=torch_ref --set stages.0.perceive.rollouts=4"
     )
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_spec_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $SPARC_ENGINE_API_KEY, else none)"
+    )
+    for flag, value, help_text in (
+        ("--queue-size", 8, "requests waiting for the pipeline (one more runs); beyond it: 503"),
+        ("--max-body-bytes", 20 * 2**20, "largest request body, base64 included"),
+        ("--max-image-pixels", 40_000_000, "largest image, width x height, checked before decoding"),
+        ("--max-question-chars", 4000, "longest question"),
+    ):
+        parser.add_argument(
+            flag, type=int, default=value, metavar="N", help=f"{help_text} (default {value:,})"
+        )
+
+
+# top-level commands whose code loads lazily
+COMMANDS: dict[str, Command] = {
+    **EVAL_COMMANDS,
+    "serve": Command(
+        "serve a spec over HTTP: /v1/sparc, OpenAI-compatible /v1/chat/completions, /health",
+        _serve_arguments,
+        "engine.serve:serve_command",
+        extra="serve",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a spec without loading a model")
     _add_spec_arguments(validate)
 
-    add_commands(commands, EVAL_COMMANDS)
+    add_commands(commands, COMMANDS)
     for group, (help_text, registry) in GROUPS.items():
         sub = commands.add_parser(group, help=help_text, description=help_text)
         add_commands(sub.add_subparsers(dest="subcommand", required=True, metavar="COMMAND"), registry)
@@ -143,11 +174,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _lazy(args: argparse.Namespace) -> int:
-    command = (
-        EVAL_COMMANDS[args.command]
-        if args.command in EVAL_COMMANDS
-        else GROUPS[args.command][1][args.subcommand]
-    )
+    command = COMMANDS[args.command] if args.command in COMMANDS else GROUPS[args.command][1][args.subcommand]
     outcome = run_command(command, args)
     if isinstance(outcome, int):
         return outcome
