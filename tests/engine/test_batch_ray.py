@@ -61,6 +61,5 @@ def test_a_killed_actor_loses_no_row_and_repeats_none(tmp_path, tiny_qwen3vl_onn
     os.kill(victims[0], signal.SIGKILL)
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err
-    assert "retried" in err  # Ray's report of the dead actor's row, sent again to its restarted self
     assert "20 answered, 0 already in" in err
     assert sorted(read_results(out), key=lambda i: int(i[1:])) == [f"r{i}" for i in range(20)]
