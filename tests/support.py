@@ -139,6 +139,7 @@ def assert_two_regions_and_crops_seen(result: dict) -> None:
 
 
 DEMO_SPEC = ROOT / "specs" / "demo.yaml"
+SPARC_ENGINE = str(Path(sys.executable).parent / "sparc-engine")  # the installed command
 # longer than the tiny model's 4096-token context: the runtime refuses it, and only that query fails
 OVERFLOWING_QUESTION = "word " * 5000
 
@@ -152,6 +153,24 @@ def demo_overrides(bundle: Path, perceive_tokens: int = 8, reason_tokens: int = 
         "stages.3.reason.max_new_tokens": reason_tokens,
     }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def dataset_command(
+    bundle: Path, dataset: Path, out: Path, *extra: str, perceive_tokens: int = 8
+) -> list[str]:
+    """`sparc-engine run specs/demo.yaml --dataset --out` on the tiny bundle, as a user types it."""
+    overrides = demo_overrides(bundle, perceive_tokens=perceive_tokens)
+    return [
+        SPARC_ENGINE,
+        "run",
+        str(DEMO_SPEC),
+        *overrides,
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def write_dataset(folder: Path, n: int, overflow_ids: Sequence[str] = ()) -> Path:

@@ -20,6 +20,8 @@ from PIL import Image
 from engine.cli import main
 from tests.support import DEMO_SPEC, OVERFLOWING_QUESTION, ROOT, blank_bitmap_png, demo_overrides, picture
 
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUEUE_SIZE = 3

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from engine.cli import main
 from engine.errors import UserError
 from engine.pipeline import Pipeline
 from evals.runner import spec_names
-from tests.support import demo_overrides, picture, read_results
+from tests.support import SPARC_ENGINE, demo_overrides, picture, read_results
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "specs" / "demo.yaml"
@@ -150,7 +149,7 @@ def test_eval_command_end_to_end_on_the_tiny_model(tmp_path, tiny_qwen3vl_onnx):
     (tmp_path / "baseline.yaml").write_text(BASELINE)
     out = tmp_path / "eval"
     command = [
-        str(Path(sys.executable).parent / "sparc-engine"), "eval", str(tmp_path / "baseline.yaml"), str(DEMO),
+        SPARC_ENGINE, "eval", str(tmp_path / "baseline.yaml"), str(DEMO),
         "--dataset", str(dataset), "--out", str(out),
         "--set", f"model.bundle={tiny_qwen3vl_onnx}", "--set", "model.device=cpu",
     ]  # fmt: skip
