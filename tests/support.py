@@ -74,7 +74,9 @@ class FixedGrounding:
         pass
 
 
-_RUN_AND_LIST_MODULES = """
+# an expression, in the child interpreter: the libraries the run path must never import that it has loaded
+_HEAVY_LOADED = 'sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})'
+_RUN_AND_LIST_MODULES = f"""
 import json, sys
 import numpy as np
 from PIL import Image
@@ -83,9 +85,16 @@ from engine.spec import validate
 spec = validate(json.loads(sys.argv[1]))
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
 result = open_pipeline(spec).run(image, "Where is the cat?")
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "onnx"})
-print(json.dumps({"answer": result.answer, "heavy": heavy}))
+print(json.dumps({{"answer": result.answer, "heavy": {_HEAVY_LOADED}}}))
 """
+
+
+def heavy_imports(module: str) -> list[str]:
+    """The heavy libraries that importing `module` loads, in a fresh interpreter."""
+    code = f"import json, sys, {module}; print(json.dumps({_HEAVY_LOADED}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def run_in_fresh_interpreter(spec: dict) -> dict:

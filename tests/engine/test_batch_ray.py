@@ -10,6 +10,7 @@ from engine.cli import main
 from tests.support import (
     ROOT,
     dataset_command,
+    heavy_imports,
     read_results,
     wait_for_lines,
     write_dataset,
@@ -60,3 +61,7 @@ def test_a_killed_actor_loses_no_row_and_repeats_none(tmp_path, tiny_qwen3vl_onn
     assert driver.returncode == 0, err
     assert "20 answered, 0 already in" in err
     assert set(read_results(out)) == {f"r{i}" for i in range(20)}
+
+
+def test_the_ray_runner_imports_neither_torch_nor_transformers():
+    assert heavy_imports("engine.batch_ray") == []

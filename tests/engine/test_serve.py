@@ -18,7 +18,15 @@ import pytest
 from PIL import Image
 
 from engine.cli import main
-from tests.support import DEMO_SPEC, OVERFLOWING_QUESTION, ROOT, blank_bitmap_png, demo_overrides, picture
+from tests.support import (
+    DEMO_SPEC,
+    OVERFLOWING_QUESTION,
+    ROOT,
+    blank_bitmap_png,
+    demo_overrides,
+    heavy_imports,
+    picture,
+)
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
@@ -276,3 +284,7 @@ def test_load_200_requests_from_8_clients(server, record_property):
     }
     assert health["served"] >= 200
     assert process.poll() is None
+
+
+def test_the_server_imports_neither_torch_nor_transformers():
+    assert heavy_imports("engine.serve") == []
