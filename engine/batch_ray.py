@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import ray.data  # here, so a Ray without its Data libraries fails as --ray needs [ray]
 
 from engine.batch import Answerer, Outcome, Row, answer_row
 from engine.pipeline import open_pipeline
