@@ -123,7 +123,7 @@ def answer_row(pipeline: Pipeline, row: Row) -> Outcome:
 
 
 def answerer(spec: Spec, ray: str | None = None, workers: int = 2) -> Answerer:
-    """Local, or on Ray when `ray` is given ("" starts a local Ray, else a cluster's address)."""
+    """Local, or on Ray when `ray` is given: a cluster's address, or "" for Ray's default (ray.init())."""
     if ray is None:
         return answer_locally(spec)
     try:

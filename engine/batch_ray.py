@@ -42,8 +42,9 @@ class RowActor:
 
 
 def answer_on_ray(spec: Spec, address: str | None, workers: int) -> Answerer:
-    """Rows answered by `workers` actors on the Ray cluster at `address` (None: a local Ray, started and
-    stopped here). A Ray that this process already joined is used as it is."""
+    """Rows answered by `workers` actors on the Ray cluster at `address` (None: ray.init()'s default,
+    $RAY_ADDRESS or a cluster started on this machine, else a local Ray for this run). A Ray that this
+    process already joined is used as it is."""
 
     def answer(rows: Sequence[Row]) -> Iterator[Outcome]:
         joined = not ray.is_initialized()

@@ -36,8 +36,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="answer the rows on Ray (needs [ray]): a cluster's address, e.g. ray://head:10001 or "
-        "head:6379; none starts a local Ray",
+        help="answer the rows on Ray (needs [ray]): a cluster's address, e.g. head:6379; without one, "
+        "$RAY_ADDRESS or a cluster started here by `ray start`, else a new local Ray",
     )
     parser.add_argument(
         "--workers",
