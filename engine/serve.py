@@ -59,6 +59,8 @@ class Limits:
 
 
 class HTTPError(Exception):
+    """A refusal: its status, a one-line message and any headers (Retry-After, WWW-Authenticate)."""
+
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
@@ -67,6 +69,7 @@ class HTTPError(Exception):
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     kinds = {401: "authentication_error", 500: "server_error", 503: "server_busy"}
     kind = kinds.get(status, "invalid_request_error")
+    # OpenAI's error shape (its clients raise with the message); whitespace folded: always one line
     body = {"error": {"message": " ".join(message.split()), "type": kind, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -329,6 +332,7 @@ def build_app(pipeline: Pipeline, model: str, limits: Limits, api_key: str | Non
         data, question = _chat_input(_parse(ChatRequest, await request.body()))
         record = await run(request, data, question)
         stages = record["stages"]
+        # the tokens run through the model; KV reused from the prefix cache or forked is not counted
         prompt = sum(stage["prompt_tokens"] for stage in stages)
         completion = sum(stage["generated_tokens"] for stage in stages)
         return {
