@@ -20,7 +20,6 @@ import binascii
 import concurrent.futures
 import hmac
 import io
-import logging
 import os
 import queue
 import sys
@@ -45,7 +44,6 @@ from engine.pipeline import Pipeline, open_pipeline
 from engine.spec import load_spec
 
 API_KEY_ENV = "SPARC_ENGINE_API_KEY"
-log = logging.getLogger("sparc_engine.serve")
 
 
 @dataclass(frozen=True)
@@ -287,7 +285,7 @@ def build_app(pipeline: Pipeline, model: str, limits: Limits, api_key: str | Non
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("request failed")  # the traceback goes to the server's log; the server goes on
+        # Starlette re-raises it after this answer, for uvicorn to log its traceback; the server goes on
         return _error_response(500, f"internal error: {type(error).__name__}: {error}")
 
     @app.get("/health")

@@ -1,6 +1,7 @@
 """`sparc-engine serve` on loopback with the tiny ONNX model, talked to as users do: the openai client and
 plain HTTP. Refusals (400/401/413/503), clients that hang up, and a bounded load test."""
 
+import asyncio
 import base64
 import io
 import json
@@ -18,6 +19,9 @@ import pytest
 from PIL import Image
 
 from engine.cli import main
+from engine.pipeline import Pipeline
+from engine.spec import validate
+from runtimes.base import Text
 from tests.support import (
     DEMO_SPEC,
     OVERFLOWING_QUESTION,
@@ -30,6 +34,8 @@ from tests.support import (
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
+from engine.serve import Limits, build_app  # noqa: E402  (needs the [serve] extra)
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUEUE_SIZE = 3
@@ -288,3 +294,32 @@ def test_load_200_requests_from_8_clients(server, record_property):
 
 def test_the_server_imports_neither_torch_nor_transformers():
     assert heavy_imports("engine.serve") == []
+
+
+def test_an_unexpected_error_is_a_500_and_the_next_request_runs(scripted_runtime):
+    """In process, on a scripted runtime that breaks on one question: the worker survives it."""
+
+    class Breaking(scripted_runtime):
+        def generate(self, prefix, suffix, n, sampling):
+            if any("break" in s.text for s in suffix if isinstance(s, Text)):
+                raise RuntimeError("the runtime broke")
+            return super().generate(prefix, suffix, n, sampling)
+
+    spec = validate({"model": {"bundle": "unused", "runtime": "onnx"}, "stages": [{"reason": {}}]})
+    limits = Limits(
+        max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, max_question_chars=100, queue_size=1
+    )
+    app = build_app(Pipeline(spec, Breaking([], answer="fine")), "scripted", limits, api_key=None)
+    data_url = _data_url(_png(picture(64, 48)))
+
+    async def ask() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # as uvicorn: logged, not raised
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.post("/v1/chat/completions", json=_chat(data_url, question))
+                for question in ("please break", "and now?")
+            ]
+
+    broken, after = asyncio.run(ask())
+    assert _refusal(broken, 500) == "internal error: RuntimeError: the runtime broke"
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "fine"
