@@ -52,9 +52,10 @@ def test_a_killed_actor_loses_no_row_and_repeats_none(tmp_path, tiny_qwen3vl_onn
     out = tmp_path / "ray.jsonl"
     ray = ("--ray", ray_address, "--workers", "2")
     command = dataset_command(tiny_qwen3vl_onnx, dataset, out, *ray, perceive_tokens=48)
+    earlier = set(_actor_pids())  # actors of an earlier run may still be on their way out
     driver = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     written = wait_for_lines(out, 2, driver)
-    victims = _actor_pids()
+    victims = [pid for pid in _actor_pids() if pid not in earlier]
     assert victims and written < 20, "the run ended before an actor could be killed"
     os.kill(victims[0], signal.SIGKILL)
     _, err = driver.communicate(timeout=300)
