@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch for the reference runtime and export; on a CUDA workstation: make TORCH=torch
 TORCH ?= torch==2.13.0
-# llama compiles llama.cpp on first install (about 5 minutes; pip caches the wheel): make EXTRAS=export,onnx,eval,dev skips it
-EXTRAS ?= export,onnx,llama,eval,dev
+# llama compiles llama.cpp on first install (about 5 minutes; pip caches the wheel): make EXTRAS=export,onnx,eval,serve,ray,dev skips it
+EXTRAS ?= export,onnx,llama,eval,serve,ray,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO_MODEL := models/tiny-qwen3vl

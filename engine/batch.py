@@ -1,8 +1,11 @@
 """Batch runs over a JSONL dataset: results appended as they finish, a rerun resumes.
 
 Each input row is {"id", "image", "question", ...}; extra fields are copied to the output row. An output
-line is written and flushed per finished row, so a killed run loses nothing already written; a rerun
-skips the ids already in the output (and drops a half-written last line left by the kill).
+line is written and fsynced per finished row, so a killed run loses nothing already written; a rerun
+skips the ids already in the output (and drops a half-written last line left by the kill). A row the
+engine refuses (missing image, prompt over the model's context, ...) is reported and counted as failed,
+and the run goes on. Rows are answered by an `Answerer`: in this process, or on Ray (engine/batch_ray.py);
+either way only this process writes the output.
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from engine.errors import UserError
-from engine.results import Result
+from engine.spec import Spec
+
+if TYPE_CHECKING:  # the pipeline (and its runtimes) load only when rows are answered
+    from engine.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -76,32 +83,89 @@ def finished_ids(out: Path) -> set[str]:
     return ids
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One row answered: its result (the `--json` object), or the one-line reason it failed."""
+
+    row: Row
+    result: dict | None = None
+    error: str | None = None
+
+
+# answers rows in any order, yielding one Outcome per row as each finishes; opens its model only if called
+Answerer = Callable[[Sequence[Row]], Iterator[Outcome]]
+
+
+def answer_locally(spec: Spec) -> Answerer:
+    """Rows answered one after another by one pipeline in this process."""
+
+    def answer(rows: Sequence[Row]) -> Iterator[Outcome]:
+        from engine.pipeline import open_pipeline
+
+        pipeline = open_pipeline(spec)
+        try:
+            for row in rows:
+                yield answer_row(pipeline, row)
+        finally:
+            pipeline.runtime.close()
+
+    return answer
+
+
+def answer_row(pipeline: Pipeline, row: Row) -> Outcome:
+    """A row that the engine refuses (missing image, prompt over the context, ...) fails alone."""
+    from engine.imaging import load_image
+
+    try:
+        return Outcome(row, result=pipeline.run(load_image(row.image), row.question).to_dict())
+    except UserError as error:
+        return Outcome(row, error=str(error))
+
+
+def answerer(spec: Spec, ray: str | None = None, workers: int = 2) -> Answerer:
+    """Local, or on Ray when `ray` is given: a cluster's address, or "" for Ray's default (ray.init())."""
+    if ray is None:
+        return answer_locally(spec)
+    try:
+        from engine.batch_ray import answer_on_ray
+    except ImportError as error:
+        raise UserError(f"--ray needs {error.name}: pip install 'sparc-engine[ray]'") from error
+    return answer_on_ray(spec, ray or None, workers)
+
+
+@dataclass(frozen=True)
+class Counts:
+    done: int  # answered and written by this run
+    skipped: int  # already in the output
+    failed: int  # reported, and retried by the next run
+
+
 def run_dataset(
-    dataset: Path,
-    out: Path,
-    answer: Callable[[Row], Result],
-    *,
-    limit: int | None = None,
-    desc: str = "sparc-engine",
-) -> tuple[int, int, int]:
-    """Returns (done now, skipped as already done, failed) over the first `limit` rows (all by default).
-    A failed row is reported and retried next run; `desc` labels the progress bar."""
+    dataset: Path, out: Path, answer: Answerer, *, limit: int | None = None, desc: str = "sparc-engine"
+) -> Counts:
+    """Answer the first `limit` rows (all by default) that `out` lacks, appending each result as it comes;
+    `desc` labels the progress bar."""
     rows = read_rows(dataset)[:limit]
     done_before = finished_ids(out)
     todo = [row for row in rows if row.id not in done_before]
     out.parent.mkdir(parents=True, exist_ok=True)
     done = failed = 0
     with out.open("a", encoding="utf-8") as handle:
-        for row in tqdm(todo, desc=desc, unit="row", file=sys.stderr, disable=not todo):
-            try:
-                result = answer(row)
-            except UserError as error:
-                failed += 1
-                tqdm.write(f"row {row.id}: {error}", file=sys.stderr)
+        outcomes = answer(todo) if todo else iter(())
+        for outcome in tqdm(
+            outcomes, desc=desc, unit="row", total=len(todo), file=sys.stderr, disable=not todo
+        ):
+            if outcome.row.id in done_before:  # a retried row delivered twice is written once
                 continue
-            record = {"id": row.id, "question": row.question, **row.extra, **result.to_dict()}
+            if outcome.error is not None:
+                failed += 1
+                tqdm.write(f"row {outcome.row.id}: {outcome.error}", file=sys.stderr)
+                continue
+            row = outcome.row
+            record = {"id": row.id, "question": row.question, **row.extra, **outcome.result}
             handle.write(json.dumps(record) + "\n")
             handle.flush()
-            os.fsync(handle.fileno())
+            os.fsync(handle.fileno())  # a kill (or a power cut) loses no row already counted as done
+            done_before.add(row.id)
             done += 1
-    return done, len(rows) - len(todo), failed
+    return Counts(done, len(rows) - len(todo), failed)

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.commands import Command, add_commands, add_overrides_argument, run_command
+from engine.commands import Command, add_commands, add_overrides_argument, add_ray_arguments, run_command
 from engine.errors import SpecError, UserError
 from engine.spec import Spec, load_spec
 from evals import DATA_COMMANDS, EVAL_COMMANDS
@@ -22,7 +22,9 @@ EPILOG = """examples:
   sparc-engine run specs/demo.yaml --image cat.jpg --question "What is on the table?"
   sparc-engine run specs/qwen3vl-sparc-wbf8.yaml --image cat.jpg --question "..." --json --save-viz out.png
   sparc-engine run specs/qwen3vl-sparc.yaml --dataset questions.jsonl --out answers.jsonl
+  sparc-engine run specs/demo.yaml --dataset questions.jsonl --out answers.jsonl --ray --workers 2
   sparc-engine validate specs/qwen3vl-sparc.yaml --set stages.0.perceive.rollouts=4
+  sparc-engine serve specs/demo.yaml --port 8080
   sparc-engine data synth --out data/shapes --n 200 --seed 1
   sparc-engine eval specs/demo.yaml specs/demo/baseline-256.yaml --dataset data/shapes/rows.jsonl --out out/eval
   sparc-engine train perception-lora --model CKPT --dataset rows.jsonl --out adapters/perception
@@ -41,6 +43,36 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add_overrides_argument(
         parser, "override a spec value, e.g. --set model.runtime=torch_ref --set stages.0.perceive.rollouts=4"
     )
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_spec_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $SPARC_ENGINE_API_KEY, else none)"
+    )
+    for flag, value, help_text in (
+        ("--queue-size", 8, "requests waiting for the pipeline (one more runs); beyond it: 503"),
+        ("--max-body-bytes", 20 * 2**20, "largest request body, base64 included"),
+        ("--max-image-pixels", 40_000_000, "largest image, width x height, checked before decoding"),
+        ("--max-question-chars", 4000, "longest question"),
+    ):
+        parser.add_argument(
+            flag, type=int, default=value, metavar="N", help=f"{help_text} (default {value:,})"
+        )
+
+
+# top-level commands whose code loads lazily
+COMMANDS: dict[str, Command] = {
+    **EVAL_COMMANDS,
+    "serve": Command(
+        "serve a spec over HTTP: /v1/sparc, OpenAI-compatible /v1/chat/completions, /health",
+        _serve_arguments,
+        "engine.serve:serve_command",
+        extra="serve",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", type=Path, metavar="IN.jsonl", help='rows {"id", "image", "question", ...}'
     )
     many.add_argument("--out", type=Path, metavar="OUT.jsonl", help="results, appended; a rerun resumes")
+    add_ray_arguments(many)
 
     validate = commands.add_parser("validate", help="check a spec without loading a model")
     _add_spec_arguments(validate)
 
-    add_commands(commands, EVAL_COMMANDS)
+    add_commands(commands, COMMANDS)
     for group, (help_text, registry) in GROUPS.items():
         sub = commands.add_parser(group, help=help_text, description=help_text)
         add_commands(sub.add_subparsers(dest="subcommand", required=True, metavar="COMMAND"), registry)
@@ -113,22 +146,22 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
 
 
 def _run_dataset(spec: Spec, args: argparse.Namespace) -> int:
-    from engine.batch import run_dataset
-    from engine.imaging import load_image
-    from engine.pipeline import open_pipeline
+    from engine.batch import answerer, run_dataset
 
-    pipeline = open_pipeline(spec)
-    done, skipped, failed = run_dataset(
-        args.dataset, args.out, lambda row: pipeline.run(load_image(row.image), row.question)
+    counts = run_dataset(args.dataset, args.out, answerer(spec, args.ray, args.workers))
+    print(
+        f"{counts.done} answered, {counts.skipped} already in {args.out}, {counts.failed} failed",
+        file=sys.stderr,
     )
-    print(f"{done} answered, {skipped} already in {args.out}, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if counts.failed else 0
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     single = args.image is not None or args.question is not None
     if (args.dataset or args.out) and (single or not (args.dataset and args.out)):
         parser.error("run: give --dataset IN.jsonl with --out OUT.jsonl, or --image with --question")
+    if args.ray is not None and not args.dataset:
+        parser.error("run: --ray answers a --dataset")
     spec = load_spec(args.spec, args.overrides)
     if not args.dataset and spec.example:
         args.image = args.image or Path(spec.example.image)
@@ -141,11 +174,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _lazy(args: argparse.Namespace) -> int:
-    command = (
-        EVAL_COMMANDS[args.command]
-        if args.command in EVAL_COMMANDS
-        else GROUPS[args.command][1][args.subcommand]
-    )
+    command = COMMANDS[args.command] if args.command in COMMANDS else GROUPS[args.command][1][args.subcommand]
     outcome = run_command(command, args)
     if isinstance(outcome, int):
         return outcome

@@ -29,6 +29,32 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help_text: str) -> N
     )
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]` and `--workers N`: a dataset answered on Ray (engine.batch.answerer)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="answer the rows on Ray (needs [ray]): a cluster's address, e.g. head:6379; without one, "
+        "$RAY_ADDRESS or a cluster started here by `ray start`, else a new local Ray",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=2,
+        metavar="N",
+        help="with --ray: actors, each opening the pipeline once",
+    )
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def add_commands(parent: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
     for name, command in commands.items():
         parser = parent.add_parser(

@@ -13,3 +13,8 @@ class SpecError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+class QueryRefused(UserError):
+    """The runtime refused one query's input (e.g. its prompt is longer than the model's context): that
+    query fails, and the pipeline stays usable for the next one."""

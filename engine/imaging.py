@@ -6,9 +6,11 @@ Each family's pixel preparation is in its package (engine/families/<family>/pixe
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +29,10 @@ class ImageError(UserError, ValueError):
     """An image the engine cannot use; the message is one line, names the file, and is meant for users."""
 
 
+class ImageTooLargeError(ImageError):
+    """More pixels than allowed (a decompression bomb, or over the caller's limit): refused before decoding."""
+
+
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_LOAD_PIXELS) -> Image.Image:
     """Read an image file as RGB with its EXIF orientation applied.
 
@@ -43,29 +49,41 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_LOAD_PIXELS) -
         if os.path.isdir(path):  # os.path, not Path: it answers False instead of raising on EACCES
             raise ImageError(f"{path}: is a directory, not an image file") from err
         raise ImageError(f"{path}: cannot read ({err.strerror or err})") from err
+    with handle:
+        return _decode(handle, str(path), max_pixels)
 
-    with handle, warnings.catch_warnings():
+
+def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_LOAD_PIXELS) -> Image.Image:
+    """An image file's bytes (an upload) as RGB, checked and decoded as load_image does; `name` starts
+    every error message."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(handle: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    with warnings.catch_warnings():
         # Pillow warns between 1x and 2x its limit; our own max_pixels check below is the one that decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(handle)  # lazy: reads the header only
         except Image.DecompressionBombError as err:
-            raise ImageError(f"{path}: too many pixels ({_one_line(err)})") from err
+            raise ImageTooLargeError(f"{name}: too many pixels ({_one_line(err)})") from err
         except UnidentifiedImageError as err:
-            raise ImageError(f"{path}: not an image file Pillow can read") from err
+            raise ImageError(f"{name}: not an image file Pillow can read") from err
         except OSError as err:
-            raise ImageError(f"{path}: cannot read ({_one_line(err)})") from err
+            raise ImageError(f"{name}: cannot read ({_one_line(err)})") from err
 
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"{path}: {width}x{height} = {width * height:,} pixels exceeds {max_pixels:,}")
+            raise ImageTooLargeError(
+                f"{name}: {width}x{height} = {width * height:,} pixels exceeds {max_pixels:,}"
+            )
         try:
             # Decode everything now: a truncated or corrupt file must fail here, not later mid-pipeline.
             # Pillow's decoders raise many types on bad data (OSError, SyntaxError, ValueError, EOFError...).
             image.load()
             image = ImageOps.exif_transpose(image)
         except Exception as err:
-            raise ImageError(f"{path}: corrupt or truncated image ({_one_line(err)})") from err
+            raise ImageError(f"{name}: corrupt or truncated image ({_one_line(err)})") from err
     return to_rgb(image)
 
 

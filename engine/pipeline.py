@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image as PILImage
 
 from engine.cropping import PixelBox, to_pixels
-from engine.errors import UserError
+from engine.errors import QueryRefused, UserError
 from engine.families import Family, family_for
 from engine.fusion import Region
 from engine.grounding import Grounding
@@ -27,7 +27,7 @@ from engine.results import RegionResult, Result, StageTrace
 from engine.spec import Spec
 from engine.stages import run_stage
 from runtimes import open_runtime
-from runtimes.protocol import Generation, Image, ImageInput, Runtime, Sampling, Segment
+from runtimes.protocol import Generation, Image, ImageInput, Runtime, RuntimeInputError, Sampling, Segment
 
 
 @dataclass
@@ -75,7 +75,10 @@ class Pipeline:
         ctx = Context(image=image, image_hash=image_content_hash(image), question=question)
         for index, stage in enumerate(self.spec.stages):
             start = time.perf_counter()
-            trace = run_stage(self, stage, index, ctx)
+            try:
+                trace = run_stage(self, stage, index, ctx)
+            except RuntimeInputError as error:
+                raise QueryRefused(str(error)) from error
             trace.ms = (time.perf_counter() - start) * 1000
             ctx.traces.append(trace)
         width, height = image.size

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.commands import Command, add_overrides_argument
+from engine.commands import Command, add_overrides_argument, add_ray_arguments
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="row fields to break accuracy down by (fields a dataset lacks are skipped)",
     )
     parser.add_argument("--limit", type=int, help="score only the first N rows")
+    add_ray_arguments(parser)
 
 
 def _load_arguments(parser: argparse.ArgumentParser) -> None:

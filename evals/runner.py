@@ -15,10 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.batch import Row, finished_ids, read_rows, run_dataset
+from engine.batch import Row, answerer, read_rows, run_dataset
 from engine.errors import SpecError, UserError
-from engine.imaging import load_image
-from engine.pipeline import open_pipeline
 from engine.spec import Spec, load_spec
 from evals.report import markdown_table, plot_pareto
 from evals.scoring import SpecScore, score_spec
@@ -70,23 +68,6 @@ def _claim(folder: Path, spec: Spec) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _answer(spec: Spec, rows: list[Row], results: Path, args: argparse.Namespace) -> tuple[int, int, int]:
-    """(answered now, already there, failed); the model opens only when some row is missing."""
-    if {row.id for row in rows} <= finished_ids(results):
-        return 0, len(rows), 0
-    pipeline = open_pipeline(spec)
-    try:
-        return run_dataset(
-            args.dataset,
-            results,
-            lambda row: pipeline.run(load_image(row.image), row.question),
-            limit=args.limit,
-            desc=spec.name or results.parent.name,
-        )
-    finally:
-        pipeline.runtime.close()
-
-
 def _read_results(path: Path) -> dict[str, dict]:
     lines = path.read_text().splitlines() if path.is_file() else []
     return {str(record["id"]): record for record in map(json.loads, filter(str.strip, lines))}
@@ -123,13 +104,20 @@ def eval_command(args: argparse.Namespace) -> str | int:
     lines, scored = [], []
     for path, (name, spec) in zip(args.specs, specs.items()):
         results = args.out / name / "results.jsonl"
-        done, skipped, failed = _answer(spec, rows, results, args)
+        # the model opens only when some row is missing
+        counts = run_dataset(
+            args.dataset,
+            results,
+            answerer(spec, args.ray, args.workers),
+            limit=args.limit,
+            desc=spec.name or name,
+        )
         score = score_spec(spec.name or name, rows, _read_results(results), by)
         scored.append((path, results, score))
         accuracy = "–" if score.accuracy is None else f"{100 * score.accuracy:.1f}%"
         lines.append(
-            f"{score.name}: accuracy {accuracy}; {done} answered now, {skipped} already in {results}, "
-            f"{failed} failed"
+            f"{score.name}: accuracy {accuracy}; {counts.done} answered now, {counts.skipped} already in "
+            f"{results}, {counts.failed} failed"
         )
     _write_report(args, rows, scored)
     lines.append(f"report: {args.out / 'report.md'} (+ report.json, pareto.png)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,17 @@ def tiny_molmo2_gguf(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory
     args = ["export", "gguf", "--model", str(tiny_molmo2), "--out", str(bundle), "--quant", "f32"]
     assert main(args) == 0
     return bundle
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray for every test that needs it (starting one takes seconds): its GCS address, which
+    `--ray ADDRESS` in another process joins. 4 logical CPUs leave room for 2 actors beside Ray Data."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 class ScriptedRuntime:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -11,31 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from engine.imaging import ImageError, image_content_hash, load_image
-from tests.support import structured_image
-
-
-def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
-    """A PNG written by hand (rows: filter byte + packed samples per row), for modes Pillow cannot save."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
-def blank_bitmap_png(width: int, height: int) -> bytes:
-    """A valid all-black 1-bit PNG: huge in pixels, a few hundred kB on disk."""
-    row = b"\0" * (1 + (width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    rows_per_step = 1000
-    data = b"".join(
-        compressor.compress(row * min(rows_per_step, height - start))
-        for start in range(0, height, rows_per_step)
-    )
-    return png_bytes(width, height, 1, 0, data + compressor.flush())
-
+from engine.imaging import ImageError, ImageTooLargeError, decode_image, image_content_hash, load_image
+from tests.support import blank_bitmap_png, png_bytes, structured_image
 
 # -------------------------------------------------------------------------------------- load_image
 
@@ -115,6 +91,19 @@ def test_load_too_many_pixels_is_refused_before_decoding(
     bomb.write_bytes(blank_bitmap_png(20_000, 20_000))
     with pytest.raises(ImageError, match=r"bomb\.png: too many pixels"):
         load_image(bomb)
+
+
+def test_decode_bytes_is_checked_like_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "scene.png"
+    structured_image(48, 32, 6).save(path)
+    assert np.array_equal(np.asarray(decode_image(path.read_bytes(), "upload")), np.asarray(load_image(path)))
+    with pytest.raises(ImageError, match="^upload: not an image file"):
+        decode_image(b"not an image", "upload")
+    with pytest.raises(ImageError, match="^upload: corrupt or truncated"):
+        decode_image(path.read_bytes()[:100], "upload")
+    for width, max_pixels in ((4000, 1_000_000), (20_000, 10**9)):  # our limit, then Pillow's bomb guard
+        with pytest.raises(ImageTooLargeError, match="^upload: .*pixels"):
+            decode_image(blank_bitmap_png(width, width), "upload", max_pixels=max_pixels)
 
 
 def test_load_rgba_composites_on_white(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from engine.cli import main
 from engine.errors import UserError
 from engine.pipeline import Pipeline
 from evals.runner import spec_names
-from tests.support import picture
+from tests.support import SPARC_ENGINE, demo_overrides, picture, read_results
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "specs" / "demo.yaml"
@@ -69,7 +68,7 @@ def scripted_eval(tmp_path, monkeypatch, scripted_runtime):
         opened.append(spec)
         return Pipeline(spec, scripted_runtime([CAT] * 64, answer="circle"))
 
-    monkeypatch.setattr("evals.runner.open_pipeline", open_scripted)
+    monkeypatch.setattr("engine.pipeline.open_pipeline", open_scripted)
     (tmp_path / "baseline.yaml").write_text(BASELINE)
     (tmp_path / "sparc.yaml").write_text(SPARC)
     dataset, out = _dataset(tmp_path), tmp_path / "out"
@@ -150,7 +149,7 @@ def test_eval_command_end_to_end_on_the_tiny_model(tmp_path, tiny_qwen3vl_onnx):
     (tmp_path / "baseline.yaml").write_text(BASELINE)
     out = tmp_path / "eval"
     command = [
-        str(Path(sys.executable).parent / "sparc-engine"), "eval", str(tmp_path / "baseline.yaml"), str(DEMO),
+        SPARC_ENGINE, "eval", str(tmp_path / "baseline.yaml"), str(DEMO),
         "--dataset", str(dataset), "--out", str(out),
         "--set", f"model.bundle={tiny_qwen3vl_onnx}", "--set", "model.device=cpu",
     ]  # fmt: skip
@@ -192,3 +191,13 @@ def test_eval_command_end_to_end_on_the_tiny_model(tmp_path, tiny_qwen3vl_onnx):
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("0 answered now, 3 already in") == 2
     assert {name: (out / name / "results.jsonl").read_bytes() for name in results} == results
+
+
+def test_eval_on_ray_scores_like_a_local_eval(tmp_path, tiny_qwen3vl_onnx, ray_address, capsys):
+    dataset = _dataset(tmp_path)
+    args = ["eval", str(DEMO), "--dataset", str(dataset), *demo_overrides(tiny_qwen3vl_onnx)]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", ray_address, "--workers", "2"]) == 0
+    assert "3 answered now, 0 already in" in capsys.readouterr().out
+    local, on_ray = (read_results(tmp_path / out / "demo" / "results.jsonl") for out in ("local", "ray"))
+    assert on_ray == local and len(local) == 3
