@@ -65,4 +65,5 @@ def test_a_killed_actor_loses_no_row_and_repeats_none(tmp_path, tiny_qwen3vl_onn
 
 
 def test_the_ray_runner_imports_neither_torch_nor_transformers():
-    assert heavy_imports("engine.batch_ray") == []
+    # Ray Data itself brings pandas: the [ray] extra's price, not the run path's
+    assert set(heavy_imports("engine.batch_ray")) <= {"pandas"}

@@ -28,9 +28,11 @@ DRIFT = {"int8": 0.15, "int4": 2.0}
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_qwen3vl: Path, tiny_qwen3vl_onnx: Path, tmp_path_factory) -> dict[str, Path]:
+def bundles(
+    tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tiny_qwen3vl_onnx: Path, tmp_path_factory
+) -> dict[str, Path]:
     """The fp32 bundle and its int8 and int4 twins, each with the same perception LoRA merged."""
-    lora = tiny_qwen3vl_onnx.parent / "perception-lora"
+    lora = tiny_qwen3vl_lora
     found = {"fp32": tiny_qwen3vl_onnx}
     for quant in DRIFT:
         out = tmp_path_factory.mktemp(quant) / "bundle"
