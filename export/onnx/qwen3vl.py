@@ -7,8 +7,10 @@ vision   pixel patches + host-computed position tables + per-patch frame ids
          -> merged image embeddings (N/merge², H) and stacked DeepStack features (n_deep, N/merge², H).
          transformers derives the tables from grid_thw with `.tolist()`/`.item()`, which bakes one image
          size into a traced graph; taking them as inputs (runtimes/families/qwen3vl.py computes them) gives
-         one graph for every image size. Attention stays inside each frame: a bias built in the graph
-         from frame ids (O(N) input, instead of an (N, N) bias from the host or cu_seqlens' split loop).
+         one graph for every image size. Attention stays inside each frame (export/onnx/attention.py):
+         one frame, what the runtime sends, runs onnxruntime's fused MultiHeadAttention with no mask and
+         no (heads, N, N) scores; several frames in one run fall back to a block mask built in the graph
+         from the frame ids (an O(N) input rather than an (N, N) bias from the host).
 embed    input_ids (B, S) -> (B, S, H). A graph rather than a numpy table so that it runs where the
          decoder runs (the CUDA EP keeps the table on the GPU) and the bundle holds only ONNX files.
 decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, past+S), dense DeepStack
@@ -25,11 +27,12 @@ import torch
 from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
+from export.onnx.attention import frame_attention
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
 
 
 class VisionCore(nn.Module):
-    """Qwen3VLVisionModel.forward with the position tables as inputs and frame-masked attention."""
+    """Qwen3VLVisionModel.forward with the position tables as inputs and attention within each frame."""
 
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
@@ -48,11 +51,9 @@ class VisionCore(nn.Module):
         positions = (visual.pos_embed(interp_indices) * interp_weights[:, :, None].to(hidden.dtype)).sum(1)
         hidden = hidden + positions
         cos, sin = visual.rotary_pos_emb(hidden, rotary_pos_ids)  # (N, head_dim) each
-        same_frame = frame_ids[:, None] == frame_ids[None, :]  # (N, N)
-        bias = attention_bias(same_frame, hidden.dtype)
         deepstack = []
         for index, block in enumerate(visual.blocks):
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, frame_ids)
             hidden = hidden + block.mlp(block.norm2(hidden))
             if index in visual.deepstack_visual_indexes:
                 merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)]
@@ -61,15 +62,12 @@ class VisionCore(nn.Module):
 
     @staticmethod
     def _attention(
-        attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor
+        attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_ids: torch.Tensor
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, h, d)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (h, N, d)
-        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias  # (h, N, N)
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(weights, v).transpose(0, 1).reshape(n, -1)  # (N, h * d)
+        out = frame_attention(q, k, v, frame_ids, attn.num_heads, attn.scaling)  # (N, h * d)
         return attn.proj(out)
 
 

@@ -165,7 +165,13 @@ def _build_engine(trt, onnx_path: Path, profiles: list[Profile], precision: Prec
         flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves external .data files next to the graph
+    import onnx
+
+    from export.tensorrt.lower import lower_contrib_attention
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)  # weights stay in the .data file
+    lower_contrib_attention(graph)  # the vision graph's MultiHeadAttention: TensorRT has no contrib ops
+    if not parser.parse(graph.SerializeToString(), str(onnx_path)):  # the path resolves external .data
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
