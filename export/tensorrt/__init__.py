@@ -18,6 +18,9 @@ the engine computes in the ONNX graph's own types, so another precision means ex
 it. TensorRT 10 (JetPack) can still lower an fp32 graph to fp16/bf16 with builder flags. int8/fp8 need
 quantize/dequantize nodes in the ONNX graph on both.
 
+Contrib ops: the Qwen3-VL vision graph's onnxruntime `MultiHeadAttention` is lowered to standard ops
+before parsing (export/tensorrt/lower.py); TensorRT's parser knows no contrib ops.
+
 STATUS: the builder path below (_build_engine, _detect_gpu, _write_bundle) has NOT YET RUN ON A GPU: no
 device was lent while it was written. It follows the TensorRT 10/11 Python API documentation; treat it
 as unverified until `tests/export/test_tensorrt_export.py::test_builds_engines_on_gpu` passes on a GPU.
@@ -155,7 +158,7 @@ def _detect_gpu() -> tuple[str, str] | None:
         return None
 
 
-def _build_engine(trt, onnx_path: Path, profiles: list[Profile], precision: Precision) -> bytes:
+def _build_engine(trt, onnx_path: Path, dtype: str, profiles: list[Profile], precision: Precision) -> bytes:
     """Parse one ONNX graph and build a serialized engine with one optimization profile per Profile."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -170,7 +173,9 @@ def _build_engine(trt, onnx_path: Path, profiles: list[Profile], precision: Prec
     from export.tensorrt.lower import lower_contrib_attention
 
     graph = onnx.load(str(onnx_path), load_external_data=False)  # weights stay in the .data file
-    lower_contrib_attention(graph)  # the vision graph's MultiHeadAttention: TensorRT has no contrib ops
+    lower_contrib_attention(
+        graph, dtype
+    )  # the vision graph's MultiHeadAttention: TensorRT has no contrib ops
     if not parser.parse(graph.SerializeToString(), str(onnx_path)):  # the path resolves external .data
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
@@ -202,7 +207,7 @@ def _write_bundle(
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
     engines = {path: str(Path(path).with_suffix(".engine")) for path in profiles}
     for onnx_path, engine_path in engines.items():
-        serialized = _build_engine(trt, source / onnx_path, profiles[onnx_path], precision)
+        serialized = _build_engine(trt, source / onnx_path, manifest.dtype, profiles[onnx_path], precision)
         (out / engine_path).parent.mkdir(parents=True, exist_ok=True)
         (out / engine_path).write_bytes(serialized)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")

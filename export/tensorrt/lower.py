@@ -16,19 +16,23 @@ from onnx import helper, numpy_helper
 CONTRIB_DOMAIN = "com.microsoft"
 
 
-def lower_contrib_attention(model: onnx.ModelProto) -> int:
-    """Replace every MultiHeadAttention node (subgraphs too) in place; returns how many were replaced."""
-    return _lower_graph(model.graph)
+FLOATS = {"fp32": np.float32, "fp16": np.float16}  # a bundle's dtype -> its graphs' float type
 
 
-def _lower_graph(graph: onnx.GraphProto) -> int:
+def lower_contrib_attention(model: onnx.ModelProto, dtype: str) -> int:
+    """Replace every MultiHeadAttention node (subgraphs too) in place, in a graph of float type `dtype`
+    (the bundle's: fp32 | fp16); returns how many were replaced."""
+    return _lower_graph(model.graph, FLOATS[dtype])
+
+
+def _lower_graph(graph: onnx.GraphProto, dtype: type[np.floating]) -> int:
     lowered, nodes = 0, []
     for node in graph.node:
         for attribute in node.attribute:  # If / Loop bodies
             if attribute.type == attribute.GRAPH:
-                lowered += _lower_graph(attribute.g)
+                lowered += _lower_graph(attribute.g, dtype)
         if node.domain == CONTRIB_DOMAIN and node.op_type == "MultiHeadAttention":
-            nodes += _plain_attention(node)
+            nodes += _plain_attention(node, dtype)
             lowered += 1
         else:
             nodes.append(node)
@@ -37,7 +41,7 @@ def _lower_graph(graph: onnx.GraphProto) -> int:
     return lowered
 
 
-def _plain_attention(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+def _plain_attention(node: onnx.NodeProto, dtype: type[np.floating]) -> list[onnx.NodeProto]:
     """One MultiHeadAttention(query, key, value) as standard ops, with the same output name."""
     if len([name for name in node.input if name]) != 3 or len(node.output) != 1:
         raise ValueError(f"{node.name}: only MultiHeadAttention(query, key, value) can be lowered")
@@ -53,12 +57,11 @@ def _plain_attention(node: onnx.NodeProto) -> list[onnx.NodeProto]:
 
     heads_shape = numpy_helper.from_array(np.array([0, 0, attributes["num_heads"], -1], np.int64))
     merged_shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64))
-    scale = numpy_helper.from_array(np.array(attributes["scale"], np.float32))
+    scale = numpy_helper.from_array(np.array(attributes["scale"], dtype))
     nodes = [
         helper.make_node("Constant", [], [name("heads_shape")], value=heads_shape),
         helper.make_node("Constant", [], [name("merged_shape")], value=merged_shape),
-        helper.make_node("Constant", [], [name("scale_f32")], value=scale),
-        helper.make_node("CastLike", [name("scale_f32"), query], [name("scale")]),  # the graph's float type
+        helper.make_node("Constant", [], [name("scale")], value=scale),
     ]
     # (B, S, h * d) -> (B, h, S, d); keys straight to (B, h, d, L) for the score MatMul
     for role, tensor, perm in (

@@ -94,7 +94,7 @@ def test_the_runtime_runs_one_frame_per_vision_run(tiny_qwen3vl_onnx: Path) -> N
 def test_lowering_for_tensorrt_computes_the_same(tiny_qwen3vl_onnx: Path, grids) -> None:
     model = onnx.load(str(tiny_qwen3vl_onnx / "base/vision.onnx"))
     fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert lower_contrib_attention(model) == VISION_DEPTH
+    assert lower_contrib_attention(model, "fp32") == VISION_DEPTH
     for one_frame, _ in _branches(model):
         assert all(n.domain in ("", "ai.onnx") for n in one_frame.node)
     onnx.checker.check_model(model)
@@ -102,3 +102,33 @@ def test_lowering_for_tensorrt_computes_the_same(tiny_qwen3vl_onnx: Path, grids)
     feeds = _vision_inputs(grids)
     for got, expected in zip(plain.run(None, feeds), fused.run(None, feeds)):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("fp32", 1e-6), ("fp16", 2e-3)])
+def test_lowering_keeps_the_graphs_float_type(dtype, atol) -> None:
+    """An fp16 bundle's attention lowers to fp16 ops (TensorRT 11 builds strongly typed networks)."""
+    from onnx import TensorProto, helper
+
+    elem, float_type = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}[
+        dtype
+    ]
+    inputs = [helper.make_tensor_value_info(name, elem, [1, "n", 64]) for name in "qkv"]
+    node = helper.make_node(
+        "MultiHeadAttention", list("qkv"), ["out"], domain="com.microsoft", num_heads=4, scale=0.3
+    )
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", elem, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    feeds = {
+        name: np.random.default_rng(i).standard_normal((1, 9, 64)).astype(float_type)
+        for i, name in enumerate("qkv")
+    }
+    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    assert lower_contrib_attention(model, dtype) == 1
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    assert got.dtype == float_type
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
