@@ -173,9 +173,8 @@ def _build_engine(trt, onnx_path: Path, dtype: str, profiles: list[Profile], pre
     from export.tensorrt.lower import lower_contrib_attention
 
     graph = onnx.load(str(onnx_path), load_external_data=False)  # weights stay in the .data file
-    lower_contrib_attention(
-        graph, dtype
-    )  # the vision graph's MultiHeadAttention: TensorRT has no contrib ops
+    # the vision graph's MultiHeadAttention: TensorRT's parser has no contrib ops
+    lower_contrib_attention(graph, dtype)
     if not parser.parse(graph.SerializeToString(), str(onnx_path)):  # the path resolves external .data
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")

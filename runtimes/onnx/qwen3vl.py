@@ -33,8 +33,9 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Images -> embeddings (tokens, H) and DeepStack features (n_deep, tokens, H), in prompt order.
 
-        One run per image: attention is dense over the patches of one run, so a global view with four
-        crops costs sum(n_i²) this way instead of (sum n_i)² with the other images masked out.
+        One run per image: a run of one frame takes the graph's fused attention, with no mask and memory
+        linear in its patches (export/onnx/attention.py); several images in one run would take its
+        block-masked path, (sum n_i)² large.
         """
         runs = [self._vision_one(session, image) for image in images]
         return np.concatenate([e for e, _ in runs]), np.concatenate([d for _, d in runs], axis=1)
