@@ -26,6 +26,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="a Qwen3-VL checkpoint instead of building --shape")
     parser.add_argument("--onnx", type=Path, help="its ONNX bundle (default: exported into --out)")
     parser.add_argument("--gguf", type=Path, help="its GGUF bundle (default: exported into --out)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda for the GPU shapes (fp16 bundles), else cpu"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "out/bench", help="models, bundles, reports")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated, of the default")
     parser.add_argument("--image", type=Path, default=ROOT / "examples/street.png", help="image file")

@@ -63,8 +63,8 @@ NEEDS_LLAMA = ("llamacpp", "chat_handler")
 @dataclass(frozen=True)
 class Models:
     checkpoint: Path
-    onnx: Path
-    gguf: Path | None  # None without llama-cpp-python
+    onnx: Path | None  # None when no pipeline runs it
+    gguf: Path | None
 
 
 @dataclass
@@ -124,7 +124,8 @@ def _export(checkpoint: Path, bundle: Path, fmt: str, options: list[str]) -> Pat
     return bundle
 
 
-def prepare(args: argparse.Namespace, out: Path, gpu: bool, llama: bool) -> Models:
+def prepare(args: argparse.Namespace, out: Path, gpu: bool, run: list[str]) -> Models:
+    """The checkpoint and the bundles the pipelines in `run` need: given, or built and exported once."""
     if args.model:
         checkpoint = args.model
     else:
@@ -132,10 +133,12 @@ def prepare(args: argparse.Namespace, out: Path, gpu: bool, llama: bool) -> Mode
 
         checkpoint = build_tiny_qwen3vl_cached(out, seed=args.seed, sizes=sizes(args.shape))
     onnx_dtype, gguf_quant = ("fp16", "f16") if gpu else ("fp32", "f32")
-    onnx = args.onnx or _export(checkpoint, out / f"onnx-{onnx_dtype}", "onnx", ["--dtype", onnx_dtype])
-    gguf = None
-    if llama:
-        gguf = args.gguf or _export(checkpoint, out / f"gguf-{gguf_quant}", "gguf", ["--quant", gguf_quant])
+    onnx = args.onnx
+    if onnx is None and "onnx" in run:
+        onnx = _export(checkpoint, out / f"onnx-{onnx_dtype}", "onnx", ["--dtype", onnx_dtype])
+    gguf = args.gguf
+    if gguf is None and any(p in NEEDS_LLAMA for p in run):
+        gguf = _export(checkpoint, out / f"gguf-{gguf_quant}", "gguf", ["--quant", gguf_quant])
     return Models(checkpoint, onnx, gguf)
 
 
@@ -254,8 +257,7 @@ def _cpu_name() -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    shape = SHAPES[args.shape]
-    gpu = shape.gpu and not args.model
+    gpu = (args.device or ("cuda" if SHAPES[args.shape].gpu else "cpu")) == "cuda"
     if gpu:
         import torch
 
@@ -267,7 +269,7 @@ def bench_command(args: argparse.Namespace) -> int:
             return 0
     out = args.out / (args.model.name if args.model else args.shape)
     run, skipped = pipelines(args)
-    models = prepare(args, out, gpu, llama=any(p in NEEDS_LLAMA for p in run))
+    models = prepare(args, out, gpu, run)
     threads = args.threads or os.cpu_count() or 1
     rows = []
     for workload in workloads(args):
@@ -275,7 +277,7 @@ def bench_command(args: argparse.Namespace) -> int:
             job = Job(
                 pipeline=pipeline,
                 model=str(models.checkpoint),
-                onnx=str(models.onnx),
+                onnx=str(models.onnx or ""),
                 gguf=str(models.gguf or ""),
                 device="cuda" if gpu else "cpu",
                 threads=threads,

@@ -54,7 +54,8 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return f"{self.resolution or 'full'} px, N={self.rollouts}"
+        view = f"{self.resolution} px" if self.resolution else "full resolution"
+        return f"{view}, N={self.rollouts}"
 
 
 @dataclass(frozen=True)
