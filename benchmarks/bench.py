@@ -262,10 +262,10 @@ def bench_command(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print(
-                f"bench: shape {args.shape} runs fp16 on a CUDA GPU and torch sees none: skipped",
-                file=sys.stderr,
+            what = (
+                f"--model {args.model} on cuda" if args.model else f"shape {args.shape} (fp16 on a CUDA GPU)"
             )
+            print(f"bench: {what}: torch sees no CUDA GPU, skipped", file=sys.stderr)
             return 0
     out = args.out / (args.model.name if args.model else args.shape)
     run, skipped = pipelines(args)
