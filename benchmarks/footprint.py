@@ -200,8 +200,8 @@ def markdown(footprints: list[Footprint], baseline: list[Footprint]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    args = parse_args()
+def measure_all(args: argparse.Namespace) -> tuple[dict, str]:
+    """Every extra of args.extras (and the baseline's): the report and its markdown."""
     with tempfile.TemporaryDirectory(prefix="footprint-") as scratch:
         measured = [measure(args, extra, Path(scratch)) for extra in args.extras.split(",")]
     footprints = [pair[0] for pair in measured]
@@ -213,7 +213,20 @@ def main() -> int:
         "extras": [asdict(f) for f in footprints],
         "baseline": [asdict(f) for f in baseline],
     }
-    write_report(args.out, "footprint", report, markdown(footprints, baseline))
+    return report, markdown(footprints, baseline)
+
+
+def footprint_report(extras: str, repeats: int) -> tuple[dict, str]:
+    """This checkout's extras, as `sparc-engine bench --footprint EXTRAS` reports them."""
+    args = argparse.Namespace(
+        extras=extras, root=ROOT, repeats=repeats, baseline_root=None, python=sys.executable
+    )
+    return measure_all(args)
+
+
+def main() -> int:
+    args = parse_args()
+    write_report(args.out, "footprint", *measure_all(args))
     return 0
 
 

@@ -32,30 +32,14 @@ sys.path.insert(0, str(ROOT))  # a plain script: run from a checkout without ins
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.shapes import SHAPES, sizes  # noqa: E402
 from benchmarks.workload import write_report  # noqa: E402
 from engine.cli import main as cli  # noqa: E402
 from engine.families import family_for  # noqa: E402
-from export.tiny import TINY_QWEN3VL, TinyQwen3VLSizes, build_tiny_qwen3vl_cached  # noqa: E402
+from export.tiny import build_tiny_qwen3vl_cached  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.protocol import Sampling  # noqa: E402
 
-SHAPES = {
-    "tiny": TINY_QWEN3VL,  # about 1M parameters
-    # about 65M: 10 text layers of hidden 640 (61M), a 4-block vision tower of hidden 256
-    "65m": TinyQwen3VLSizes(
-        vision_depth=4,
-        vision_hidden=256,
-        vision_heads=4,
-        vision_intermediate=1024,
-        text_layers=10,
-        text_hidden=640,
-        text_heads=10,
-        text_kv_heads=5,
-        head_dim=64,
-        text_intermediate=2560,
-        mrope_section=(12, 10, 10),
-    ),
-}
 VARIANTS = ("fp32", "int8", "int4")
 ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9)]  # the prompts' images: crops of examples/street.png
 
@@ -65,7 +49,12 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="Hugging Face checkpoint (default: build --shape)")
-    parser.add_argument("--shape", choices=SHAPES, default="tiny", help="random checkpoint to build")
+    parser.add_argument(
+        "--shape",
+        choices=[n for n, s in SHAPES.items() if not s.gpu],
+        default="tiny",
+        help="random checkpoint to build",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "out/quant", help="bundles and reports")
     parser.add_argument("--resolution", type=int, default=256, help="image view, longest side in pixels")
     parser.add_argument("--images", type=int, default=4, choices=range(1, len(ASPECTS) + 1), help="prompts")
@@ -181,7 +170,7 @@ def markdown(rows: dict[str, dict], args: argparse.Namespace) -> str:
 def main() -> int:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model or build_tiny_qwen3vl_cached(args.out / args.shape, sizes=SHAPES[args.shape])
+    model = args.model or build_tiny_qwen3vl_cached(args.out / args.shape, sizes=sizes(args.shape))
     bundles = export_bundles(model, args.out)
     measured = measure(bundles, args)
     fp32 = {**measured["fp32"]}

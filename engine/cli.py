@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import BENCH
 from engine.commands import Command, add_commands, add_overrides_argument, add_ray_arguments, run_command
 from engine.errors import SpecError, UserError
 from engine.spec import Spec, load_spec
@@ -27,6 +28,7 @@ EPILOG = """examples:
   sparc-engine serve specs/demo.yaml --port 8080
   sparc-engine data synth --out data/shapes --n 200 --seed 1
   sparc-engine eval specs/demo.yaml specs/demo/baseline-256.yaml --dataset data/shapes/rows.jsonl --out out/eval
+  sparc-engine bench --shape 65m --repeats 1
   sparc-engine train perception-lora --model CKPT --dataset rows.jsonl --out adapters/perception
 """
 
@@ -66,6 +68,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 # top-level commands whose code loads lazily
 COMMANDS: dict[str, Command] = {
     **EVAL_COMMANDS,
+    "bench": BENCH,
     "serve": Command(
         "serve a spec over HTTP: /v1/sparc, OpenAI-compatible /v1/chat/completions, /health",
         _serve_arguments,

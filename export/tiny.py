@@ -61,7 +61,7 @@ class TinyQwen3VLSizes:
     text_hidden: int = 128  # also the vision merger's output size [2560]
     text_heads: int = 4  # [32]
     text_kv_heads: int = 2  # grouped-query attention, 2 query heads per KV head [8]
-    head_dim: int = 32  # [128]
+    head_dim: int = 32  # [128]; text_heads x head_dim may differ from text_hidden (4B: 4096 on 2560)
     text_intermediate: int = 256
     # Interleaved M-RoPE: rotary frequency pairs given to (t, h, w); sums to head_dim / 2 [(24, 20, 20)]
     mrope_section: tuple[int, int, int] = (6, 5, 5)
@@ -78,8 +78,6 @@ class TinyQwen3VLSizes:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.text_heads * self.head_dim != self.text_hidden:
-            problems.append("text_heads * head_dim must equal text_hidden")
         if self.text_heads % self.text_kv_heads:
             problems.append("text_heads must be a multiple of text_kv_heads")
         if sum(self.mrope_section) * 2 != self.head_dim:

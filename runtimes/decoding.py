@@ -56,12 +56,16 @@ class DecodeResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     ms: float
+    first_token_at: float  # time.perf_counter() when the first tokens were sampled
 
     def generations(
-        self, tokenizer: Detokenizer, prefix_tokens: int, suffix_tokens: int, ms: float
+        self, tokenizer: Detokenizer, prefix_tokens: int, suffix_tokens: int, started: float
     ) -> list[Generation]:
         """One Generation per sequence, accounted as a fork: the first computed the suffix on top of the
-        prefix, the others took both from its KV."""
+        prefix, the others took both from its KV. `started`: time.perf_counter() at the start of the
+        generate call, which its times count from."""
+        ms = (time.perf_counter() - started) * 1000
+        first_token_ms = (self.first_token_at - started) * 1000
         return [
             Generation(
                 text=tokenizer.decode(ids, skip_special_tokens=True),
@@ -70,6 +74,7 @@ class DecodeResult:
                 reused_tokens=prefix_tokens + (0 if i == 0 else suffix_tokens),
                 generated_tokens=len(ids),
                 ms=ms,
+                first_token_ms=first_token_ms,
                 finish_reason=reason,
             )
             for i, (ids, reason) in enumerate(zip(self.token_ids, self.finish_reasons))
@@ -86,17 +91,20 @@ def decode(
 
     first_logits: (n, vocab) logits after the prompt; step(tokens (n,)) feeds one token per sequence and
     returns the next (n, vocab) logits. Finished sequences keep being fed (their eos) so the batch keeps
-    one shape; their outputs are ignored.
+    one shape; their outputs are ignored. With sampling.ignore_eos no token finishes a sequence.
     """
     start = time.perf_counter()
     n = first_logits.shape[0]
     sampler = Sampler(sampling, n)
-    eos = np.array(sorted(set(eos_ids)), dtype=np.int64)
+    eos = np.array([] if sampling.ignore_eos else sorted(set(eos_ids)), dtype=np.int64)
+    first_token_at = start
     tokens: list[list[int]] = [[] for _ in range(n)]
     finished = np.zeros(n, dtype=bool)
     logits = first_logits
     for i in range(sampling.max_new_tokens):
         chosen = sampler(logits)
+        if i == 0:
+            first_token_at = time.perf_counter()
         for seq in np.flatnonzero(~finished):
             tokens[seq].append(int(chosen[seq]))
         finished |= np.isin(chosen, eos)
@@ -104,4 +112,4 @@ def decode(
             break
         logits = step(np.where(finished, eos[0] if len(eos) else chosen, chosen))
     reasons = ["stop" if seq and seq[-1] in set(eos.tolist()) else "length" for seq in tokens]
-    return DecodeResult(tokens, reasons, (time.perf_counter() - start) * 1000)
+    return DecodeResult(tokens, reasons, (time.perf_counter() - start) * 1000, first_token_at)

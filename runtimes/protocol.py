@@ -56,6 +56,8 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seeds: tuple[int, ...] = ()  # one random stream per sequence; len == n when temperature > 0
+    # decode max_new_tokens every time, end-of-sequence or not: benchmarks give every pipeline the same work
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Generation:
     reused_tokens: int  # prompt tokens it took from KV computed by someone else (prefix, forked suffix)
     generated_tokens: int
     ms: float  # wall time of the whole generate call (shared by the sequences of one batch)
+    first_token_ms: float = 0.0  # from the start of the generate call to its first sampled token
     finish_reason: str = "stop"  # stop | length
 
 

@@ -464,8 +464,7 @@ class LlamaCppRuntime:
             llama_cpp.llama_batch_free(batch)
             for seq_id in work:
                 model.clear(seq_id)
-        ms = (time.perf_counter() - start) * 1000
-        return result.generations(self.tokenizer, prefix.n_tokens, len(ids), ms)
+        return result.generations(self.tokenizer, prefix.n_tokens, len(ids), start)
 
     def close(self) -> None:
         for model in self._models.values():

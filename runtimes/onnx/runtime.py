@@ -155,8 +155,7 @@ class OnnxRuntime:
             return step_logits  # (n, vocab)
 
         result = decode(np.repeat(logits[None], n, axis=0), step, sampling, self.eos_ids)
-        ms = (time.perf_counter() - start) * 1000
-        return result.generations(self.tokenizer, prefix.n_tokens, len(prompt.token_ids), ms)
+        return result.generations(self.tokenizer, prefix.n_tokens, len(prompt.token_ids), start)
 
     def close(self) -> None:
         self._variants.clear()

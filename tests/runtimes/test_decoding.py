@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,34 @@ def test_decode_stops_each_sequence_at_eos_and_feeds_the_batch_one_shape():
     assert result.token_ids == [[1, 2, eos], [3, 3, 3, 3, 3]]
     assert result.finish_reasons == ["stop", "length"]
     assert all(len(tokens) == 2 for tokens in fed) and fed[-1][0] == eos
+
+
+def test_ignore_eos_decodes_every_sequence_to_its_length():
+    vocab, eos = 5, 4
+    always_eos = np.zeros((2, vocab))
+    always_eos[:, eos] = 1.0
+    fed = []
+
+    def step(tokens):
+        fed.append(tokens.tolist())
+        return always_eos
+
+    result = decode(always_eos, step, Sampling(max_new_tokens=4, ignore_eos=True), [eos])
+    assert result.token_ids == [[eos] * 4, [eos] * 4]
+    assert result.finish_reasons == ["length", "length"]
+    assert len(fed) == 3
+    assert decode(always_eos, step, Sampling(max_new_tokens=4), [eos]).token_ids == [[eos], [eos]]
+
+
+def test_generations_time_the_first_token_from_the_start_of_the_call():
+    class Ids:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    started = time.perf_counter()
+    logits = np.eye(3)[[1]]
+    time.sleep(0.02)
+    result = decode(logits, lambda tokens: logits, Sampling(max_new_tokens=3), [])
+    (generation,) = result.generations(Ids(), prefix_tokens=5, suffix_tokens=2, started=started)
+    assert 20 <= generation.first_token_ms <= generation.ms
+    assert generation.generated_tokens == 3 and generation.reused_tokens == 5
