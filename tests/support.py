@@ -19,6 +19,7 @@ from PIL import Image
 
 from engine.boxes import Box
 from engine.families import family_for
+from engine.grounding import Grounding
 from runtimes.protocol import Text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,7 @@ from PIL import Image
 
 from engine.boxes import Box
 from engine.families import family_for
+from engine.grounding import Grounding
 from runtimes.protocol import Text
 from engine.pipeline import open_pipeline
 from engine.spec import validate
@@ -218,3 +220,14 @@ def wait_for_lines(path: Path, n: int, process: subprocess.Popen, timeout: float
             return count
         time.sleep(0.02)
     raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s")
+
+
+def assert_valid_grounding(result: Grounding) -> None:
+    """What every parser promises whatever the model wrote: notes as text, no internal error, boxes
+    normalized with positive area, labels as text."""
+    assert isinstance(result, Grounding)
+    assert all(isinstance(note, str) for note in result.notes)
+    assert not any(note.startswith("internal parser error") for note in result.notes), result.notes
+    for box in result.boxes:
+        assert 0.0 <= box.x1 < box.x2 <= 1.0 and 0.0 <= box.y1 < box.y2 <= 1.0
+        assert isinstance(box.label, str)

@@ -53,6 +53,8 @@ class OnnxFamily(Registered, ABC):
         self.config = config  # the checkpoint's config.json
         self.text = config["text_config"]
         self.model_dir = model_dir  # the checkpoint, for the processor files next to config.json
+        # read (and contradictions refused) here, before the model is loaded
+        self.image = checkpoint_image_config(model_dir)
 
     def graph(self, model: nn.Module, role: str) -> Graph:
         """The wrapper module and example inputs of one role, for a loaded (eval, float) model."""
@@ -138,7 +140,7 @@ class OnnxFamily(Registered, ABC):
     def image_config(self) -> ImageConfig:
         """The manifest's `image` section: the preprocessing constants the engine's family prepares
         images with, as the reference runtime reads them from the same checkpoint."""
-        return checkpoint_image_config(self.model_dir)
+        return self.image
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

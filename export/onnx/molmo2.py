@@ -26,14 +26,11 @@ The class registers itself for "Molmo2ForConditionalGeneration"; `export/onnx/__
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
 from runtimes.torch_ref.checkpoint import read_json
-from runtimes.torch_ref.molmo2 import molmo2_image_config
 
 PROCESSOR_SWITCHES = ("image_use_col_tokens", "use_single_crop_col_tokens", "use_single_crop_start_token")
 
@@ -101,11 +98,6 @@ class Decoder(TextDecoder):
 
 class Molmo2Onnx(OnnxFamily):
     architectures = ("Molmo2ForConditionalGeneration",)
-
-    def __init__(self, config: dict, model_dir: Path) -> None:
-        super().__init__(config, model_dir)
-        # read (and contradictions refused) here, before the model is loaded
-        self.image = molmo2_image_config(model_dir, config)
 
     def vision_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         # 3 crops and 5 tokens (one with padding slots): no count can be mistaken for another.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parity.models import Case
+from tests.parity.models import Case, open_reference
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -44,13 +44,8 @@ def opened() -> Iterator[dict]:
 def pair(request: pytest.FixtureRequest, opened: dict, case: Case):
     """(the runtime under test, torch_ref on the same checkpoint and LoRA) for a case."""
     from runtimes import open_runtime
-    from runtimes.torch_ref import TorchRefRuntime
 
     bundle = request.getfixturevalue(case.bundle.fixture)
-    checkpoint = request.getfixturevalue(case.model.checkpoint)
-    lora = request.getfixturevalue(case.model.lora) if case.model.lora else None
     if (case.runtime, bundle) not in opened:
         opened[case.runtime, bundle] = open_runtime(case.runtime, bundle, "cpu")
-    if ("torch_ref", checkpoint) not in opened:
-        opened["torch_ref", checkpoint] = TorchRefRuntime(checkpoint, device="cpu", perception_lora=lora)
-    return opened[case.runtime, bundle], opened["torch_ref", checkpoint]
+    return opened[case.runtime, bundle], open_reference(request, opened, case.model)

@@ -168,3 +168,14 @@ SUFFIX_LOGITS: dict[str, Callable[..., np.ndarray]] = {
     "onnx": _onnx_suffix,
     "llamacpp": _llamacpp_suffix,
 }
+
+
+def open_reference(request, opened: dict, model: Model):
+    """torch_ref on a model's checkpoint with its perception LoRA, opened once per session."""
+    from runtimes.torch_ref import TorchRefRuntime
+
+    checkpoint = request.getfixturevalue(model.checkpoint)
+    lora = request.getfixturevalue(model.lora) if model.lora else None
+    if ("torch_ref", checkpoint) not in opened:
+        opened["torch_ref", checkpoint] = TorchRefRuntime(checkpoint, device="cpu", perception_lora=lora)
+    return opened["torch_ref", checkpoint]

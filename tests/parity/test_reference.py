@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from runtimes.protocol import Sampling
-from tests.parity.models import MODELS, Case, Model, family_of
+from tests.parity.models import MODELS, Case, Model, family_of, open_reference
 from tests.parity.pipelines import assert_reuse_changes_only_the_accounting, pipeline_spec
 from tests.support import FixedGrounding, picture, timeless_result
 
@@ -21,13 +21,7 @@ ATOL = 1e-4  # torch_ref's KV-cached chunks against one transformers forward: ~1
 
 @pytest.fixture
 def reference(request: pytest.FixtureRequest, opened: dict, model: Model):
-    from runtimes.torch_ref import TorchRefRuntime
-
-    checkpoint = request.getfixturevalue(model.checkpoint)
-    lora = request.getfixturevalue(model.lora) if model.lora else None
-    if ("torch_ref", checkpoint) not in opened:
-        opened["torch_ref", checkpoint] = TorchRefRuntime(checkpoint, device="cpu", perception_lora=lora)
-    return opened["torch_ref", checkpoint]
+    return open_reference(request, opened, model)
 
 
 @pytest.fixture

@@ -7,19 +7,11 @@ from hypothesis import strategies as st
 from engine.boxes import Box
 from engine.families.molmo2.parser import parse_molmo_points
 from engine.grounding import Grounding
+from tests.support import assert_valid_grounding
 
 
 def centres(result: Grounding) -> list[tuple[float, float]]:
     return [tuple(round(c, 6) for c in box.center) for box in result.boxes]
-
-
-def assert_valid(result: Grounding) -> None:
-    assert isinstance(result, Grounding)
-    assert all(isinstance(note, str) for note in result.notes)
-    assert not any(note.startswith("internal parser error") for note in result.notes), result.notes
-    for box in result.boxes:
-        assert 0.0 <= box.x1 < box.x2 <= 1.0 and 0.0 <= box.y1 < box.y2 <= 1.0
-        assert isinstance(box.label, str)
 
 
 def test_molmo2_points_are_0_to_1000_of_the_image():
@@ -90,7 +82,7 @@ def test_nothing_to_recover_gives_no_boxes_and_a_note(text):
     result = parse_molmo_points(text)
     assert result.boxes == ()
     assert result.notes
-    assert_valid(result)
+    assert_valid_grounding(result)
 
 
 def test_non_text_input_gives_a_note():
@@ -137,13 +129,13 @@ def molmo_outputs(draw) -> str:
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_never_raises_on_arbitrary_text(text):
-    assert_valid(parse_molmo_points(text))
+    assert_valid_grounding(parse_molmo_points(text))
 
 
 @settings(max_examples=400, deadline=None)
 @given(molmo_outputs(), st.floats(0.01, 1.0))
 def test_never_raises_on_mangled_points(text, size):
     result = parse_molmo_points(text, point_box_size=size)
-    assert_valid(result)
+    assert_valid_grounding(result)
     for box in result.boxes:  # a square of `size`, unless clipped by the image border
         assert box.width <= size + 1e-9 and box.height <= size + 1e-9

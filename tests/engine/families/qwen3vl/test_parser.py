@@ -6,21 +6,12 @@ from hypothesis import strategies as st
 
 from engine.boxes import Box
 from engine.families.qwen3vl.parser import parse_qwen_grounding
-from engine.grounding import Grounding
+from tests.support import assert_valid_grounding
 
 CAT_DOG = json.dumps(
     [{"bbox_2d": [100, 200, 300, 400], "label": "cat"}, {"bbox_2d": [500, 0, 1000, 250], "label": "dog"}]
 )
 CAT_DOG_BOXES = (Box(0.1, 0.2, 0.3, 0.4, "cat"), Box(0.5, 0.0, 1.0, 0.25, "dog"))
-
-
-def assert_valid(result: Grounding) -> None:
-    assert isinstance(result, Grounding)
-    assert all(isinstance(note, str) for note in result.notes)
-    assert not any(note.startswith("internal parser error") for note in result.notes), result.notes
-    for box in result.boxes:
-        assert 0.0 <= box.x1 < box.x2 <= 1.0 and 0.0 <= box.y1 < box.y2 <= 1.0
-        assert isinstance(box.label, str)
 
 
 # --- well-formed output is recovered exactly --------------------------------------------------------------
@@ -40,7 +31,7 @@ def assert_valid(result: Grounding) -> None:
 def test_well_formed_boxes_are_recovered_exactly(text):
     result = parse_qwen_grounding(text)
     assert result.boxes == CAT_DOG_BOXES
-    assert_valid(result)
+    assert_valid_grounding(result)
 
 
 def test_clean_json_has_no_notes():
@@ -156,7 +147,7 @@ def test_non_text_input_does_not_raise():
 @pytest.mark.parametrize("text", ["[" * 5000, '{"a": ' * 3000, "[1, " * 3000, "{" * 5000 + CAT_DOG])
 def test_degenerate_nesting_does_not_raise(text):
     result = parse_qwen_grounding(text)
-    assert_valid(result)
+    assert_valid_grounding(result)
 
 
 def test_boxes_after_degenerate_nesting_are_found():
@@ -187,15 +178,15 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_fuzz_arbitrary_text_never_raises(text):
-    assert_valid(parse_qwen_grounding(text))
+    assert_valid_grounding(parse_qwen_grounding(text))
 
 
 @settings(max_examples=300, deadline=None)
 @given(json_values, st.sampled_from(["{}", "```json\n{}\n```", "Answer: {} done", "```json\n{}"]))
 def test_fuzz_jsonish_structures_never_raise(value, template):
     text = template.replace("{}", json.dumps(value))
-    assert_valid(parse_qwen_grounding(text))
-    assert_valid(parse_qwen_grounding(text[: len(text) // 2]))
+    assert_valid_grounding(parse_qwen_grounding(text))
+    assert_valid_grounding(parse_qwen_grounding(text[: len(text) // 2]))
 
 
 coordinate = st.integers(0, 1000)
@@ -237,6 +228,6 @@ def test_fuzz_truncation_recovers_exactly_the_objects_complete_before_cut(
     assert parse_qwen_grounding(text).boxes == truth
     cut = data.draw(st.integers(0, len(text)), label="cut")
     result = parse_qwen_grounding(text[:cut])
-    assert_valid(result)
+    assert_valid_grounding(result)
     complete = sum(end <= cut for end in ends)
     assert result.boxes == truth[:complete]
