@@ -66,6 +66,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rows", type=int, default=400, help="synthetic rows the LoRA trains on")
     parser.add_argument("--save-every", type=int, default=500, help="save the weights every N steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="where to train (cpu: the reproducible default; cuda: many more steps in the same time)",
+    )
 
 
 TRAINERS: dict[str, Command] = {

@@ -39,8 +39,9 @@ from export.tiny import COMPLETE_MARKER, TinyQwen3VLSizes, build_tiny_qwen3vl
 from runtimes.protocol import ImageInput
 from runtimes.torch_ref.checkpoint import read_json
 from runtimes.torch_ref.family import TorchFamily, torch_family_for
+from runtimes.torch_ref.runtime import pick_device
 from train.examples import TrainingSequence, by_length, collate, encode, perceive_segments, reason_segments
-from train.loop import Curve, Schedule, fit
+from train.loop import Curve, Schedule, fit, on_device
 from train.report import write_training_report
 
 # About 4.4M parameters. The processor caps images at 1024x1024 px (1024 visual tokens), which makes
@@ -208,7 +209,9 @@ def position_table(side: int, dim: int) -> torch.Tensor:
     return torch.stack(waves, dim=-1).reshape(side * side, -1)[:, :dim]
 
 
-def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_every: int) -> Curve:
+def train_base(
+    out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_every: int, device: str = "cpu"
+) -> Curve:
     """Build the checkpoint with random weights, train it, and save it in place (also every save_every
     steps, so a killed run leaves its latest weights)."""
     build_tiny_qwen3vl(out, seed=seed, sizes=DEMO_SIZES)
@@ -219,6 +222,7 @@ def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_
     table = model.model.visual.pos_embed.weight
     with torch.no_grad():
         table.copy_(position_table(math.isqrt(table.shape[0]), table.shape[1]))
+    model.to(device)
 
     with ThreadPoolExecutor(1) as prefetch:  # the next step's scenes render while this one trains
         upcoming = {0: prefetch.submit(data.step, 0)}
@@ -229,7 +233,10 @@ def train_base(out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_
                 upcoming[step + 1] = prefetch.submit(data.step, step + 1)
             if step and step % save_every == 0:
                 model.save_pretrained(out)
-            return [collate(torch_family, group) for group in by_length(sequences, MICRO_BATCH_TOKENS)]
+            return [
+                on_device(collate(torch_family, group), device)
+                for group in by_length(sequences, MICRO_BATCH_TOKENS)
+            ]
 
         schedule = Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1))
         curve = fit(model, batches, schedule, description="demo model")
@@ -243,8 +250,15 @@ def train_demo_command(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     out: Path = args.out
     start = time.perf_counter()
+    device = pick_device(args.device)
     base_curve = train_base(
-        out, seed=args.seed, steps=args.steps, lr=args.lr, spec=args.spec, save_every=args.save_every
+        out,
+        seed=args.seed,
+        steps=args.steps,
+        lr=args.lr,
+        spec=args.spec,
+        save_every=args.save_every,
+        device=device,
     )
     base_seconds = time.perf_counter() - start
     lora_seconds, lora_curve = _train_lora(out, args)
@@ -284,7 +298,11 @@ def _train_lora(out: Path, args: argparse.Namespace) -> tuple[float, Curve]:
         object_size=OBJECT_SIZE,
     )
     options = LoraOptions(
-        steps=args.lora_steps, batch_size=8, seed=args.seed, prompt=load_spec(args.spec).prompts.perceive
+        steps=args.lora_steps,
+        batch_size=8,
+        seed=args.seed,
+        device=args.device,
+        prompt=load_spec(args.spec).prompts.perceive,
     )
     curve = train_perception_lora(out, rows, out / "perception-lora", options)
     shutil.rmtree(data)

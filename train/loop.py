@@ -43,6 +43,10 @@ class Curve:
         ]
 
 
+def on_device(batch: Batch, device: str) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def fit(
     model: torch.nn.Module,
     batches: Callable[[int], Iterable[Batch]],

@@ -38,7 +38,7 @@ from runtimes.torch_ref.checkpoint import read_json
 from runtimes.torch_ref.family import TorchFamily, torch_family_for
 from runtimes.torch_ref.runtime import pick_device
 from train.examples import TrainingSequence, collate, encode, perceive_segments
-from train.loop import Batch, Curve, Schedule, fit
+from train.loop import Batch, Curve, Schedule, fit, on_device
 from train.report import write_training_report
 
 DEFAULT_LABEL = "target"  # label of a box whose row gives no "labels"
@@ -101,7 +101,7 @@ def train_perception_lora(model_dir: Path, dataset: Path, out: Path, options: Lo
         chosen = [examples.sequences[i] for i in order[step]]
         # a family that cannot pad sequences together runs them one per forward; fit adds the gradients
         groups = [chosen] if torch_family.batches_sequences else [[sequence] for sequence in chosen]
-        return [_to(collate(torch_family, group), device) for group in groups]
+        return [on_device(collate(torch_family, group), device) for group in groups]
 
     # B starts at zero, so step 0 is the base model: a short warmup suffices (from scratch needs more)
     schedule = Schedule(options.steps, options.lr, warmup=max(1, options.steps // 20))
@@ -262,7 +262,3 @@ def _positive(value: Number, flag: str) -> Number:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def _to(batch: Batch, device: str) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -25,9 +25,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _train(out: Path) -> subprocess.CompletedProcess:
+def _train(out: Path, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "engine.cli", "train", "demo", "--out", str(out), "--steps", "2",
-               "--lora-steps", "2", "--lora-rows", "4", "--threads", "1"]  # fmt: skip
+               "--lora-steps", "2", "--lora-rows", "4", "--threads", "1", *options]  # fmt: skip
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -40,6 +40,22 @@ def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
         assert _sha256(tmp_path / "a" / name) == _sha256(tmp_path / "b" / name), name
     assert (tmp_path / "a" / "training.png").is_file()
     assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
+
+
+@pytest.mark.slow
+def test_train_demo_on_cuda(tmp_path: Path) -> None:
+    """Without a GPU: refused in one line before any work; with one: both stages train there."""
+    import torch
+
+    trained = _train(tmp_path / "m", "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert trained.returncode != 0
+        assert "torch sees no CUDA device" in trained.stderr
+        assert "Traceback" not in trained.stderr
+        assert not (tmp_path / "m" / "model.safetensors").exists()
+        return
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "m" / "perception-lora" / "adapter_model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
