@@ -65,6 +65,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-steps", type=int, default=300, help="optimizer steps of the perception LoRA")
     parser.add_argument("--lora-rows", type=int, default=400, help="synthetic rows the LoRA trains on")
     parser.add_argument("--save-every", type=int, default=500, help="save the weights every N steps")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=100,
+        help="score the held-out probes (the answer-carrying token's loss per task, against chance) every N steps",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--device",

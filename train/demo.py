@@ -34,13 +34,14 @@ from engine.cropping import PixelBox, crop_image
 from engine.errors import UserError
 from engine.families import Family, family_for
 from engine.spec import CropSpec, Spec, load_spec
-from evals.synth import Scene, render, sample_scene
+from evals.synth import COLORS, SHAPES, Scene, render, sample_scene
 from export.tiny import COMPLETE_MARKER, TinyQwen3VLSizes, build_tiny_qwen3vl
 from runtimes.protocol import ImageInput
 from runtimes.torch_ref.checkpoint import read_json
 from runtimes.torch_ref.family import TorchFamily, torch_family_for
 from runtimes.torch_ref.runtime import pick_device
 from train.examples import TrainingSequence, by_length, collate, encode, perceive_segments, reason_segments
+from train.heldout import Heldout, Probe, make_probe, probe_losses
 from train.loop import Curve, Schedule, fit, on_device
 from train.report import write_training_report
 
@@ -82,6 +83,10 @@ class Slot:
     task: str  # perceive | reason | view
     resolution: int | None
 
+    @property
+    def name(self) -> str:
+        return f"{self.task}@{self.resolution or 'full'}"
+
 
 # Two slots per scene (a scene is rendered once for both). Perceive and reason dominate: they are SPARC;
 # the view-only slots train the baselines the eval compares against.
@@ -98,7 +103,10 @@ STEP_SLOTS: tuple[tuple[Slot, Slot], ...] = (
 # A full-resolution view (up to 1024 tokens) costs as much as the rest of a step: one every few steps.
 FULL_VIEW = Slot("view", None)
 FULL_VIEW_EVERY = 4
+HELDOUT_PER_TASK = 16  # sequences per held-out probe (a quarter of that for the full-resolution view)
 MICRO_BATCH_TOKENS = 2600  # padded tokens per forward (see train.examples.by_length)
+# What training.json and training.png follow besides the loss (train/heldout.py): one probe per task.
+HELDOUT_SLOTS = (Slot("perceive", 256), Slot("reason", 256), Slot("view", 256), FULL_VIEW)
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,31 @@ class DemoData:
         if step % FULL_VIEW_EVERY == 0:
             sequences.append(self.sequence(FULL_VIEW, scene, image, rng))
         return sequences
+
+    def probes(self, per_task: int) -> list[Probe]:
+        """Held-out sequences of the benchmark's scenes, from a random stream no training step draws."""
+        rng = np.random.default_rng([self.seed, 0, 1])  # three words: never a step's [seed, step]
+        tokenizer = self.torch_family.tokenizer
+        probes = []
+        for slot in HELDOUT_SLOTS:
+            scenes = [
+                sample_scene(
+                    rng,
+                    *TRAIN_SIZES[rng.integers(len(TRAIN_SIZES))],
+                    int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)),
+                    object_size=OBJECT_SIZE,
+                    kind=("shape", "color")[index % 2],
+                )
+                for index in range(per_task if slot.resolution else max(2, per_task // 4))
+            ]
+            sequences = [self.sequence(slot, scene, render(scene), rng) for scene in scenes]
+            choices = [len(SHAPES) if scene.kind == "shape" else len(COLORS) for scene in scenes]
+            probes.append(
+                make_probe(
+                    slot.name, sequences, tokenizer, grounding=slot.task == "perceive", choices=choices
+                )
+            )
+        return probes
 
     def sequence(
         self, slot: Slot, scene: Scene, image: PILImage.Image, rng: np.random.Generator
@@ -210,19 +243,35 @@ def position_table(side: int, dim: int) -> torch.Tensor:
 
 
 def train_base(
-    out: Path, *, seed: int, steps: int, lr: float, spec: Path, save_every: int, device: str = "cpu"
-) -> Curve:
+    out: Path,
+    *,
+    seed: int,
+    steps: int,
+    lr: float,
+    spec: Path,
+    save_every: int,
+    eval_every: int,
+    device: str = "cpu",
+) -> tuple[Curve, Heldout]:
     """Build the checkpoint with random weights, train it, and save it in place (also every save_every
-    steps, so a killed run leaves its latest weights)."""
+    steps, so a killed run leaves its latest weights). The held-out probes run every eval_every steps."""
     build_tiny_qwen3vl(out, seed=seed, sizes=DEMO_SIZES)
     family, torch_family = open_checkpoint(out)
     data = DemoData(family, torch_family, load_spec(spec), seed, steps)
+    probes = data.probes(HELDOUT_PER_TASK)
+    heldout = Heldout({probe.name: round(probe.chance, 4) for probe in probes})
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     table = model.model.visual.pos_embed.weight
     with torch.no_grad():
         table.copy_(position_table(math.isqrt(table.shape[0]), table.shape[1]))
     model.to(device)
+
+    def measure() -> dict[str, float]:
+        def batch(group: list[TrainingSequence]) -> dict:
+            return on_device(collate(torch_family, group), device)
+
+        return probe_losses(model, probes, batch, MICRO_BATCH_TOKENS)
 
     with ThreadPoolExecutor(1) as prefetch:  # the next step's scenes render while this one trains
         upcoming = {0: prefetch.submit(data.step, 0)}
@@ -233,6 +282,8 @@ def train_base(
                 upcoming[step + 1] = prefetch.submit(data.step, step + 1)
             if step and step % save_every == 0:
                 model.save_pretrained(out)
+            if step % eval_every == 0:
+                heldout.record(step, measure())
             return [
                 on_device(collate(torch_family, group), device)
                 for group in by_length(sequences, MICRO_BATCH_TOKENS)
@@ -240,10 +291,11 @@ def train_base(
 
         schedule = Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1))
         curve = fit(model, batches, schedule, description="demo model")
+    heldout.record(steps, measure())
     model.save_pretrained(out)
     # the builder's completion marker records the random weights' checksum: no longer these weights
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
-    return curve
+    return curve, heldout
 
 
 def train_demo_command(args: argparse.Namespace) -> str:
@@ -251,13 +303,14 @@ def train_demo_command(args: argparse.Namespace) -> str:
     out: Path = args.out
     start = time.perf_counter()
     device = pick_device(args.device)
-    base_curve = train_base(
+    base_curve, heldout = train_base(
         out,
         seed=args.seed,
         steps=args.steps,
         lr=args.lr,
         spec=args.spec,
         save_every=args.save_every,
+        eval_every=args.eval_every,
         device=device,
     )
     base_seconds = time.perf_counter() - start
@@ -274,8 +327,10 @@ def train_demo_command(args: argparse.Namespace) -> str:
             "lora_seconds": round(lora_seconds, 1),
             "base_loss": base_curve.losses,
             "lora_loss": lora_curve.losses,
+            "heldout": asdict(heldout),
         },
         {"base model": base_curve, "perception LoRA": lora_curve},
+        heldout,
     )
     return (
         f"trained {out} in {base_seconds / 60:.1f} min (loss {base_curve.smoothed()[-1]:.3f}) and "

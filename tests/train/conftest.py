@@ -3,8 +3,15 @@ threads ran about 20 times slower."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from engine.spec import load_spec
+from train.demo import DemoData, open_checkpoint
+
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "specs" / "demo" / "sparc-wbf8.yaml"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -13,3 +20,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tiny_qwen3vl: Path) -> DemoData:
+    family, torch_family = open_checkpoint(tiny_qwen3vl)
+    return DemoData(family, torch_family, load_spec(DEMO_SPEC), seed=5, steps=100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,11 @@ import pytest
 
 from engine.boxes import Box
 from engine.cropping import PixelBox
-from engine.spec import load_spec
 from evals.synth import render, sample_scene
-from train.demo import STEP_SLOTS, DemoData, open_checkpoint
+from train.demo import HELDOUT_SLOTS, STEP_SLOTS, DemoData
 from train.examples import END_OF_TURN
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_SPEC = ROOT / "specs" / "demo" / "sparc-wbf8.yaml"
 
 
 def _sha256(path: Path) -> str:
@@ -40,6 +39,9 @@ def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
         assert _sha256(tmp_path / "a" / name) == _sha256(tmp_path / "b" / name), name
     assert (tmp_path / "a" / "training.png").is_file()
     assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
+    heldout = json.loads((tmp_path / "a" / "training.json").read_text())["heldout"]
+    assert heldout["steps"] == [0, 2]  # the first step and the end
+    assert set(heldout["losses"][0]) == set(heldout["chance"]) == {slot.name for slot in HELDOUT_SLOTS}
 
 
 @pytest.mark.slow
@@ -56,12 +58,6 @@ def test_train_demo_on_cuda(tmp_path: Path) -> None:
         return
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (tmp_path / "m" / "perception-lora" / "adapter_model.safetensors").is_file()
-
-
-@pytest.fixture(scope="module")
-def demo_data(tiny_qwen3vl: Path) -> DemoData:
-    family, torch_family = open_checkpoint(tiny_qwen3vl)
-    return DemoData(family, torch_family, load_spec(DEMO_SPEC), seed=5, steps=100)
 
 
 def test_a_step_is_the_fixed_mix_and_deterministic(demo_data: DemoData) -> None:

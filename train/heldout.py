@@ -1,0 +1,106 @@
+"""What the demo model has learned so far, measured on fixed held-out sequences while it trains.
+
+The mean target loss hides it: a model that writes the JSON punctuation perfectly and guesses every
+coordinate still scores low. So each held-out task is scored on the one token whose value depends on the
+image: the first answer token of a reason or view sequence, the first digit of the first coordinate of a
+perceive sequence. Its loss is compared with chance (uniform over the values that token can take), so a
+curve that stays at chance says the model does not look at the pixels, however low the mean loss is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from train.examples import TrainingSequence, by_length
+
+# a digit that starts a number: not the "2" of the key "bbox_2d" nor the "1" of Molmo2's "x1"
+_NUMBER_START = re.compile(r"(?<!\w)\d")
+DIGITS = 10
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One task's held-out sequences and, in each, the index of the token that carries the answer."""
+
+    name: str
+    sequences: tuple[TrainingSequence, ...]
+    positions: tuple[int, ...]
+    chance: float  # nats: mean over the sequences of log(number of values the scored token can take)
+
+
+def informative_position(sequence: TrainingSequence, tokenizer: Tokenizer, *, grounding: bool) -> int:
+    """Index in the sequence of the first answer token, or for a grounding target its first coordinate's
+    first digit."""
+    ids = sequence.prompt.token_ids
+    start = len(ids) - sequence.n_target
+    if not grounding:
+        return start
+    text = tokenizer.decode(ids[start:], skip_special_tokens=False)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    match = _NUMBER_START.search(text)
+    if match is None:
+        raise ValueError("a grounding target without a coordinate")
+    for index, (begin, _) in enumerate(encoding.offsets):
+        if begin == match.start():
+            return start + index
+    raise ValueError("the first coordinate digit is not a token of its own")
+
+
+def make_probe(
+    name: str,
+    sequences: Sequence[TrainingSequence],
+    tokenizer: Tokenizer,
+    *,
+    grounding: bool,
+    choices: Sequence[int] = (),
+) -> Probe:
+    """choices: per sequence, how many answers its question allows (grounding tasks: the ten digits)."""
+    positions = tuple(informative_position(s, tokenizer, grounding=grounding) for s in sequences)
+    counts = [DIGITS] * len(sequences) if grounding else list(choices)
+    return Probe(name, tuple(sequences), positions, sum(map(math.log, counts)) / len(counts))
+
+
+@torch.no_grad()
+def probe_losses(
+    model: torch.nn.Module,
+    probes: Sequence[Probe],
+    collate: Callable[[list[TrainingSequence]], dict],
+    max_tokens: int,
+) -> dict[str, float]:
+    """Mean cross-entropy (nats) of each probe's scored tokens; leaves the model in the mode it found."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for probe in probes:
+        index_of = {id(s): p for s, p in zip(probe.sequences, probe.positions)}
+        total = 0.0
+        for group in by_length(probe.sequences, max_tokens):
+            batch = collate(group)
+            batch.pop("labels", None)
+            logits = model(**batch).logits
+            for row, sequence in enumerate(group):
+                position = index_of[id(sequence)]
+                target = torch.tensor([sequence.prompt.token_ids[position]], device=logits.device)
+                total += float(torch.nn.functional.cross_entropy(logits[row, position - 1][None], target))
+        losses[probe.name] = round(total / len(probe.sequences), 4)
+    model.train(was_training)
+    return losses
+
+
+@dataclass
+class Heldout:
+    """The probes' losses at some steps, and chance for each probe."""
+
+    chance: dict[str, float]
+    steps: list[int] = field(default_factory=list)
+    losses: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, step: int, losses: dict[str, float]) -> None:
+        self.steps.append(step)
+        self.losses.append(losses)
