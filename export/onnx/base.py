@@ -217,9 +217,8 @@ def shared_prefix_attention(
     scores = torch.cat([prefix_scores, torch.matmul(query, own_key.transpose(2, 3))], dim=-1) * scaling
     weights = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
     prefix_weights, own_weights = weights.split([prefix_key.shape[2], key.shape[2]], dim=-1)
-    output = from_rows(torch.matmul(as_rows(prefix_weights), prefix_value)) + torch.matmul(
-        own_weights, own_value
-    )
+    from_prefix = from_rows(torch.matmul(as_rows(prefix_weights), prefix_value))  # (B, heads, S, d)
+    output = from_prefix + torch.matmul(own_weights, own_value)
     return output.transpose(1, 2).contiguous(), None  # (B, S, heads, d)
 
 

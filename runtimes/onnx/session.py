@@ -51,9 +51,8 @@ def open_session(path: Path, providers: Sequence[str]) -> ort.InferenceSession:
 
 
 Past = list[Any]  # per layer key, value: np.ndarray (CPU) or OrtValue on the GPU (CUDA)
-PREFIX_KV = (
-    "prefix_key_values."  # the decoder's shared prefix inputs (batch 1), as export/onnx/base.py names them
-)
+# the decoder's shared prefix inputs (batch 1), as export/onnx/base.py names them
+PREFIX_KV = "prefix_key_values."
 
 
 class DecoderSession:
