@@ -10,24 +10,33 @@ Every family is a transformers image-text-to-text model: a vision tower in front
 here (the embed graph, the decoder's KV plumbing, causal mask and logits, its example inputs, the text
 sizes and parameter roles); a family adds its vision graph and its decoder's positions, extra input and
 layer loop.
+
+The decoder serves prefill and decoding with one graph and shares a prompt between rollouts: besides the
+sequences' own past KV (batch B, what `present` returns grown by the chunk) it takes a SHARED PREFIX KV per
+layer, batch 1, that every sequence attends to and no step copies (`shared_prefix_attention`). A prefill
+passes an empty prefix; `generate` forks by passing the prompt's KV as the prefix and an empty own past,
+so N rollouts hold one copy of the prompt's KV, not N.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from runtimes.protocol import ImageConfig
 from runtimes.registry import Registered, Registry
 from runtimes.torch_ref.checkpoint import checkpoint_image_config
 
 # The example sizes a decoder is traced with: distinct, so no axis is mistaken for another.
-BATCH, LENGTH, PAST = 2, 3, 4
+BATCH, LENGTH, PAST, PREFIX = 2, 3, 4, 5
 
 
 @dataclass
@@ -85,31 +94,37 @@ class OnnxFamily(Registered, ABC):
         position_ids: DecoderInput,
         extra: dict[str, DecoderInput],
     ) -> Graph:
-        """A decoder graph: inputs_embeds, position_ids, attention_mask, the family's `extra` inputs and the
-        past KV per layer -> last-position logits and present KV per layer."""
+        """A decoder graph: inputs_embeds, position_ids, attention_mask (over prefix + past + chunk), the
+        family's `extra` inputs, the past KV per layer and the shared prefix KV per layer (batch 1)
+        -> last-position logits and present KV (past + chunk) per layer."""
         sizes = self.sizes()
-        kv_shape = (BATCH, sizes["num_key_value_heads"], PAST, sizes["head_dim"])
-        past_names = [
-            f"past_key_values.{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")
-        ]
-        present_names = [name.replace("past_key_values", "present") for name in past_names]
+        kv_heads, head_dim = sizes["num_key_value_heads"], sizes["head_dim"]
+        layer_names = [f"{i}.{kind}" for i in range(sizes["num_layers"]) for kind in ("key", "value")]
+        past_names = [f"past_key_values.{name}" for name in layer_names]
+        prefix_names = [f"{PREFIX_KV}.{name}" for name in layer_names]
+        present_names = [f"present.{name}" for name in layer_names]
         named = {
             "inputs_embeds": (
                 torch.randn(BATCH, LENGTH, sizes["hidden_size"], dtype=dtype),
                 {0: "batch", 1: "sequence"},
             ),
             "position_ids": position_ids,
-            "attention_mask": (torch.ones(BATCH, PAST + LENGTH, dtype=torch.int64), {0: "batch", 1: "total"}),
+            "attention_mask": (
+                torch.ones(BATCH, PREFIX + PAST + LENGTH, dtype=torch.int64),
+                {0: "batch", 1: "total"},
+            ),
             **extra,
         }
         inputs = (
             *(tensor for tensor, _ in named.values()),
-            *(torch.randn(kv_shape, dtype=dtype) for _ in past_names),
+            *(torch.randn(BATCH, kv_heads, PAST, head_dim, dtype=dtype) for _ in past_names),
+            *(torch.randn(1, kv_heads, PREFIX, head_dim, dtype=dtype) for _ in prefix_names),
         )
         axes = {name: dynamic for name, (_, dynamic) in named.items()} | {"logits": {0: "batch"}}
         axes |= {name: {0: "batch", 2: "past"} for name in past_names}
-        axes |= {name: {0: "batch", 2: "total"} for name in present_names}
-        return Graph(decoder, inputs, [*named, *past_names], ["logits", *present_names], axes)
+        axes |= {name: {2: "prefix"} for name in prefix_names}  # batch 1: one copy for all sequences
+        axes |= {name: {0: "batch", 2: "own"} for name in present_names}  # own = past + sequence
+        return Graph(decoder, inputs, [*named, *past_names, *prefix_names], ["logits", *present_names], axes)
 
     def role_of(self, parameter: str) -> str:
         """The role whose graph holds a state-dict entry; raises on a name it does not know. A family adds
@@ -157,11 +172,69 @@ class EmbedTokens(nn.Module):
         return self.embed(input_ids)
 
 
-class FlatCache:
-    """The one Cache method a decoder layer calls, over flat past tensors; collects the presents."""
+PREFIX_KV = "prefix_key_values"  # the decoder's shared prefix inputs: prefix_key_values.<layer>.key|value
+SHARED_PREFIX = "sparc_shared_prefix"  # the attention implementation the decoder graphs are traced with
 
-    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
-        self.past = past  # key0, value0, key1, value1, ...: (B, n_kv_heads, past, head_dim) each
+
+def shared_prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, heads, S, d)
+    key: torch.Tensor,  # (B, kv_heads, L, d): the sequences' own keys (past + chunk)
+    value: torch.Tensor,  # (B, kv_heads, L, d)
+    attention_mask: torch.Tensor,  # (B, 1, S, P + L) additive: the prefix's P columns first
+    scaling: float,
+    dropout: float = 0.0,
+    shared_prefix: tuple[torch.Tensor, ...] = (),  # key0, value0, key1, ...: (1, kv_heads, P, d) each
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' eager attention over [shared prefix | own KV], the prefix held once for all B rows.
+
+    Scores against the prefix are one batch-1 problem: the B * groups * S query rows of a KV head meet
+    its one copy of the prefix keys in a single MatMul (shared-prefix, "cascade" or Hydragen attention),
+    so the prefix is read once per step, not B times, and never repeated. One softmax over the
+    concatenated scores keeps it exact (eager's math, fp32 softmax); the weights are split back.
+    """
+    prefix_key = shared_prefix[2 * module.layer_idx]
+    prefix_value = shared_prefix[2 * module.layer_idx + 1]
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+
+    # explicit sizes, no -1: an empty prefix (P = 0) has nothing to infer a -1 from
+    def as_rows(x: torch.Tensor) -> torch.Tensor:  # (B, heads, S, n) -> (1, kv_heads, B * groups * S, n)
+        n = x.shape[-1]
+        rows = x.reshape(batch, kv_heads, groups * length, n).transpose(0, 1)
+        return rows.reshape(1, kv_heads, batch * groups * length, n)
+
+    def from_rows(x: torch.Tensor) -> torch.Tensor:  # the inverse of as_rows
+        n = x.shape[-1]
+        rows = x.reshape(kv_heads, batch, groups * length, n).transpose(0, 1)
+        return rows.reshape(batch, heads, length, n)
+
+    own_key = key.repeat_interleave(groups, dim=1)  # (B, heads, L, d), as transformers' repeat_kv
+    own_value = value.repeat_interleave(groups, dim=1)
+    prefix_scores = from_rows(torch.matmul(as_rows(query), prefix_key.transpose(2, 3)))  # (B, heads, S, P)
+    scores = torch.cat([prefix_scores, torch.matmul(query, own_key.transpose(2, 3))], dim=-1) * scaling
+    weights = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    prefix_weights, own_weights = weights.split([prefix_key.shape[2], key.shape[2]], dim=-1)
+    from_prefix = from_rows(torch.matmul(as_rows(prefix_weights), prefix_value))  # (B, heads, S, d)
+    output = from_prefix + torch.matmul(own_weights, own_value)
+    return output.transpose(1, 2).contiguous(), None  # (B, S, heads, d)
+
+
+AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
+
+
+class FlatCache:
+    """The one Cache method a decoder layer calls, over flat past tensors; collects the presents.
+
+    `kv` is what the decoder graph takes after its named inputs: the past KV per layer (B, n_kv_heads,
+    past, head_dim), then the shared prefix KV per layer (1, n_kv_heads, prefix, head_dim).
+    """
+
+    def __init__(self, kv: tuple[torch.Tensor, ...]) -> None:
+        half = len(kv) // 2
+        self.past, self.prefix = kv[:half], kv[half:]  # key0, value0, key1, value1, ... each
         self.present: list[torch.Tensor] = []
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -174,14 +247,23 @@ class FlatCache:
 class TextDecoder(nn.Module):
     """transformers' text model + lm_head over inputs_embeds with the KV in and out as flat tensors.
 
-    A family's forward takes (inputs_embeds, position_ids, attention_mask, <its extra input>, *past),
-    runs the layers with its own rope and mask over a FlatCache, and ends in `logits_and_present`.
+    A family's `decode` takes (inputs_embeds, position_ids, attention_mask, <its extra input>, *kv), runs
+    the layers with its own rope and mask (over prefix + past + chunk) over a FlatCache, passing the
+    layers `shared_prefix=cache.prefix`, and ends in `logits_and_present`. `forward` runs it with the
+    layers' attention switched to `shared_prefix_attention`.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.text = model.model.language_model
         self.lm_head = model.lm_head
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with _attention_implementation(self.text.config, SHARED_PREFIX):
+            return self.decode(*inputs)
+
+    def decode(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
 
     @staticmethod
     def causal(length: int, total: int, device: torch.device) -> torch.Tensor:
@@ -192,3 +274,14 @@ class TextDecoder(nn.Module):
     def logits_and_present(self, hidden: torch.Tensor, cache: FlatCache) -> tuple[torch.Tensor, ...]:
         logits = self.lm_head(self.text.norm(hidden[:, -1]))  # (B, vocab): only the last position is sampled
         return (logits, *cache.present)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str) -> Iterator[None]:
+    """Switch a (text) config's attention function while tracing, and back: the model is left as it was."""
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -9,8 +9,8 @@ vision   crops (n_crops, 729, 14*14*3) + pooling rows (T, 4) of patch indices (-
          The crop count and the token count are free axes; every crop has the checkpoint's crop size
          (378 px of 14 px patches in the released ones), so nothing else varies.
 embed    input_ids (B, S) -> (B, S, H), the text rows and the additional (image-token) rows.
-decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, past+S), token_types
-         (B, past+S; 1 = image token) and past KV per layer -> logits of the LAST position and present KV.
+decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, prefix+past+S), token_types
+         (B, prefix+past+S; 1 = image token), past KV and shared prefix KV per layer -> logits of the LAST position and present KV.
          Image tokens attend to each other in both directions wherever they are in the sequence
          (transformers' `block_sequence_ids` of the prefill chunk); text stays causal. On a decoding step
          every query is text, so the block has no effect there and token_types may be zeros.
@@ -29,7 +29,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
+from export.onnx.base import (
+    BATCH,
+    LENGTH,
+    PAST,
+    PREFIX,
+    FlatCache,
+    Graph,
+    OnnxFamily,
+    TextDecoder,
+    attention_bias,
+)
 from runtimes.torch_ref.checkpoint import read_json
 
 PROCESSOR_SWITCHES = ("image_use_col_tokens", "use_single_crop_col_tokens", "use_single_crop_start_token")
@@ -69,15 +79,15 @@ class VisionCore(nn.Module):
 class Decoder(TextDecoder):
     """Molmo2TextModel + lm_head over inputs_embeds with 1-D positions, the image block mask, KV in/out."""
 
-    def forward(
+    def decode(
         self,
         inputs_embeds: torch.Tensor,  # (B, S, H)
         position_ids: torch.Tensor,  # (B, S) int64
-        attention_mask: torch.Tensor,  # (B, past + S) int64: 1 = attend
-        token_types: torch.Tensor,  # (B, past + S) int64: 1 = image token (mm_token_type_ids)
-        *past: torch.Tensor,  # 2 per layer: (B, n_kv_heads, past, head_dim)
+        attention_mask: torch.Tensor,  # (B, prefix + past + S) int64: 1 = attend
+        token_types: torch.Tensor,  # (B, prefix + past + S) int64: 1 = image token (mm_token_type_ids)
+        *kv: torch.Tensor,  # past (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
     ) -> tuple[torch.Tensor, ...]:
-        cache = FlatCache(past)
+        cache = FlatCache(kv)
         hidden = inputs_embeds
         length = inputs_embeds.shape[1]
         causal = self.causal(length, attention_mask.shape[1], hidden.device)  # (S, total)
@@ -91,7 +101,11 @@ class Decoder(TextDecoder):
         }
         for layer, rope in zip(self.text.layers, self.text.rope_types):
             hidden = layer(
-                hidden, position_embeddings=rotary[rope], attention_mask=mask, past_key_values=cache
+                hidden,
+                position_embeddings=rotary[rope],
+                attention_mask=mask,
+                past_key_values=cache,
+                shared_prefix=cache.prefix,
             )
         return self.logits_and_present(hidden, cache)
 
@@ -122,9 +136,10 @@ class Molmo2Onnx(OnnxFamily):
         return Graph(VisionCore(model), (pixels, pooling), names, ["image_features"], axes)
 
     def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
-        positions = torch.arange(PAST, PAST + LENGTH).expand(BATCH, LENGTH).contiguous()
-        types = torch.zeros(BATCH, PAST + LENGTH, dtype=torch.int64)
-        types[:, 2:6] = 1  # image tokens on both sides of the cache boundary
+        cached = PREFIX + PAST
+        positions = torch.arange(cached, cached + LENGTH).expand(BATCH, LENGTH).contiguous()
+        types = torch.zeros(BATCH, cached + LENGTH, dtype=torch.int64)
+        types[:, 3:11] = 1  # image tokens across both cache boundaries (prefix | past | chunk)
         return self.kv_decoder_graph(
             Decoder(model),
             dtype,

@@ -13,9 +13,9 @@ vision   pixel patches + host-computed position tables + per-patch frame ids
          from the frame ids (an O(N) input rather than an (N, N) bias from the host).
 embed    input_ids (B, S) -> (B, S, H). A graph rather than a numpy table so that it runs where the
          decoder runs (the CUDA EP keeps the table on the GPU) and the bundle holds only ONNX files.
-decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, past+S), dense DeepStack
-         features (n_deep, B, S, H; zeros off image tokens), past KV per layer
-         -> logits of the LAST position (B, vocab) and present KV per layer. Only the last position is
+decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, prefix+past+S), dense DeepStack
+         features (n_deep, B, S, H; zeros off image tokens), past KV and shared prefix KV (batch 1) per
+         layer (export/onnx/base.py) -> logits of the LAST position (B, vocab) and present KV per layer. Only the last position is
          ever sampled; projecting the whole prompt to the vocabulary would cost S x vocab for nothing.
 """
 
@@ -28,7 +28,17 @@ from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from export.onnx.attention import frame_attention
-from export.onnx.base import BATCH, LENGTH, PAST, FlatCache, Graph, OnnxFamily, TextDecoder, attention_bias
+from export.onnx.base import (
+    BATCH,
+    LENGTH,
+    PAST,
+    PREFIX,
+    FlatCache,
+    Graph,
+    OnnxFamily,
+    TextDecoder,
+    attention_bias,
+)
 
 
 class VisionCore(nn.Module):
@@ -74,22 +84,28 @@ class VisionCore(nn.Module):
 class Decoder(TextDecoder):
     """Qwen3VLTextModel + lm_head over inputs_embeds with explicit M-RoPE positions and KV in/out."""
 
-    def forward(
+    def decode(
         self,
         inputs_embeds: torch.Tensor,  # (B, S, H)
         position_ids: torch.Tensor,  # (3, B, S) int64: temporal, height, width rope positions
-        attention_mask: torch.Tensor,  # (B, past + S) int64: 1 = attend
+        attention_mask: torch.Tensor,  # (B, prefix + past + S) int64: 1 = attend
         deepstack_embeds: torch.Tensor,  # (n_deep, B, S, H): added after layer i; zeros off image tokens
-        *past: torch.Tensor,  # 2 per layer: (B, n_kv_heads, past, head_dim)
+        *kv: torch.Tensor,  # past (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
     ) -> tuple[torch.Tensor, ...]:
-        cache = FlatCache(past)
+        cache = FlatCache(kv)
         hidden = inputs_embeds
         causal = self.causal(inputs_embeds.shape[1], attention_mask.shape[1], hidden.device)  # (S, total)
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, total)
         mask = attention_bias(allowed, hidden.dtype)
         rotary = self.text.rotary_emb(hidden, position_ids)  # cos, sin: (B, S, head_dim)
         for index, layer in enumerate(self.text.layers):
-            hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
+            hidden = layer(
+                hidden,
+                position_embeddings=rotary,
+                attention_mask=mask,
+                past_key_values=cache,
+                shared_prefix=cache.prefix,
+            )
             if index < deepstack_embeds.shape[0]:
                 hidden = hidden + deepstack_embeds[index]
         return self.logits_and_present(hidden, cache)
@@ -134,7 +150,7 @@ class Qwen3VLOnnx(OnnxFamily):
 
     def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         sizes = self.sizes()
-        positions = torch.arange(PAST, PAST + LENGTH).expand(3, BATCH, LENGTH).contiguous()
+        positions = torch.arange(PREFIX + PAST, PREFIX + PAST + LENGTH).expand(3, BATCH, LENGTH).contiguous()
         deepstack = torch.zeros(sizes["num_deepstack"], BATCH, LENGTH, sizes["hidden_size"], dtype=dtype)
         return self.kv_decoder_graph(
             Decoder(model),

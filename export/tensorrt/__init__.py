@@ -19,7 +19,8 @@ it. TensorRT 10 (JetPack) can still lower an fp32 graph to fp16/bf16 with builde
 quantize/dequantize nodes in the ONNX graph on both.
 
 Contrib ops: the Qwen3-VL vision graph's onnxruntime `MultiHeadAttention` is lowered to standard ops
-before parsing (export/tensorrt/lower.py); TensorRT's parser knows no contrib ops.
+before parsing (export/tensorrt/lower.py); TensorRT's parser knows no contrib ops. The decoder's
+shared-prefix attention (export/onnx/base.py) is written in standard ops and needs no lowering.
 
 STATUS: the builder path below (_build_engine, _detect_gpu, _write_bundle) has NOT YET RUN ON A GPU: no
 device was lent while it was written. It follows the TensorRT 10/11 Python API documentation; treat it

@@ -17,14 +17,18 @@ Sizing rules (Qwen3-VL; units: tokens = LLM positions, patches = 16 px vision pa
   vision         patches: min = one 32 px cell (merge² patches), opt = the perceive image (the reason
                  image when there is no perceive stage), max = the reason stage's images all in one call.
   prefill        batch 1 (the prompt runs once, then forks); sequence 1 .. longest prompt, opt = the
-                 first stage's prompt; past 0 .. longest prompt - 1 (a suffix after a cached prefix).
-  total          past + sequence at each of min, opt and max, so that every profile point is a set of
-                 shapes the graph can run (the mask's length must equal the keys'); prefill's max total
-                 is thus 2 x longest - 1 although a real call stays within the longest prompt.
+                 first stage's prompt; past 0 .. longest prompt - 1 (a suffix after a cached prefix);
+                 prefix 0 (a prefill has no shared prefix: its past is the whole cache).
+  total          prefix + past + sequence at each of min, opt and max, so that every profile point is a
+                 set of shapes the graph can run (the mask's length must equal the keys'); prefill's max
+                 total is thus 2 x longest - 1 although a real call stays within the longest prompt.
   decode         batch 1 .. max rollouts, opt = max rollouts (the perceive loop is the hot path);
-                 sequence 1; past 1 .. context - 1, opt = the hot stage's prompt + half its new tokens.
+                 sequence 1; prefix (the prompt, shared by the batch) 1 .. longest prompt, opt = the hot
+                 stage's prompt; past (each rollout's own tokens) 0 .. most new tokens - 1, opt = half
+                 the hot stage's new tokens.
 
-The profiles name graph axes ("patches", "batch", "sequence", "past", "total" = past + sequence); the
+The profiles name graph axes ("patches", "batch", "sequence", "past", "prefix", "total" = prefix + past +
+sequence); the
 input names and their static dims come from the ONNX graphs themselves (`onnx_inputs`), so the profiles
 follow whatever the ONNX exporter writes, and an axis they do not know fails loudly.
 """
@@ -191,19 +195,21 @@ def plan_profiles(workload: Workload, image: ImageConfig, max_positions: int | N
             "batch": (1, 1, 1),
             "sequence": (1, first_prompt, longest),
             "past": (0, 0, longest - 1),
-            "total": (1, first_prompt, 2 * longest - 1),  # past + sequence at every point
+            "prefix": (0, 0, 0),
+            "total": (1, first_prompt, 2 * longest - 1),  # prefix + past + sequence at every point
         },
     )
 
     hot_prompt, hot_new, batch = max(stages, key=lambda stage: stage[2])  # most rollouts: the hot loop
-    past_opt = hot_prompt + hot_new // 2
+    most_new = max(new for _, new, _ in stages)
     decode = AxisProfile(
         "decode",
         {
             "batch": (1, batch, batch),
             "sequence": (1, 1, 1),
-            "past": (1, past_opt, context - 1),
-            "total": (2, past_opt + 1, context),
+            "prefix": (1, hot_prompt, longest),
+            "past": (0, hot_new // 2, most_new - 1),
+            "total": (2, hot_prompt + hot_new // 2 + 1, longest + most_new),
         },
     )
     return Plan(vision, prefill, decode, longest_prompt=longest, context=context)
@@ -218,7 +224,7 @@ def graph_profiles(inputs: Mapping[str, Sequence[Dim]], plan: Plan) -> list[Prof
     if not matching:
         dynamic = sorted({dim for dims in inputs.values() for dim in dims if isinstance(dim, str)})
         raise ValueError(
-            f"no profile sizes the graph's dynamic axes {dynamic} (known: patches; batch, sequence, past, total)"
+            f"no profile sizes the graph's dynamic axes {dynamic} (known: patches; batch, sequence, past, prefix, total)"
         )
     return matching
 

@@ -3,7 +3,8 @@
 No torch or transformers anywhere in its import chain, so a device installs `sparc-engine[onnx]` alone.
 It follows the reference runtime step for step: prompts are tokenized and positioned host-side, images go
 through the vision graph and their features are merged into the prompt's embeddings, a prefix is prefilled
-once, and `generate` runs the suffix once, forks the KV into n sequences and decodes them as one batch.
+once, and `generate` runs the suffix once, forks the KV into n sequences and decodes them as one batch,
+all n attending to one copy of the prompt's KV (runtimes/onnx/session.py).
 What differs between architectures (tokens and positions, the vision graph's inputs, the decoder's extra
 inputs) sits in an `OnnxRuntimeFamily` (runtimes/onnx/family.py) picked by the manifest's architecture.
 """
@@ -137,7 +138,7 @@ class OnnxRuntime:
             logits, past = self._forward(graphs, prompt, past, prefix.n_tokens, prefix.token_ids)
         if logits is None:
             raise RuntimeInputError("generate needs a non-empty prompt")
-        past = graphs.decoder.fork(past, n)
+        past, shared = graphs.decoder.fork(past, n)  # shared: the prompt's KV, one copy for all n
         length = prefix.n_tokens + len(prompt.token_ids)
         next_position = prompt.next_position
 
@@ -149,7 +150,7 @@ class OnnxRuntime:
                 "attention_mask": np.ones((n, length + 1), np.int64),
                 **self.family.step_inputs(n, length, next_position),
             }
-            step_logits, past = graphs.decoder(inputs, past)
+            step_logits, past = graphs.decoder(inputs, past, shared)
             length += 1
             next_position += 1
             return step_logits  # (n, vocab)

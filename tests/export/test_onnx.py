@@ -71,10 +71,50 @@ def test_graph_io_names(tiny_qwen3vl_onnx: Path) -> None:
     assert inputs[:4] == ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds"]
     assert inputs[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert [o.name for o in decoder.get_outputs()][:2] == ["logits", "present.0.key"]
+    # the shared prefix: batch fixed to 1 (one copy for every sequence), its length free
+    prefix = [i for i in decoder.get_inputs() if i.name.startswith("prefix_key_values.")]
+    assert [i.name for i in prefix[:2]] == ["prefix_key_values.0.key", "prefix_key_values.0.value"]
+    assert len(prefix) == len([n for n in inputs if n.startswith("past_key_values.")])
+    assert all(i.shape[0] == 1 and i.shape[2] == "prefix" for i in prefix)
     vision = ort.InferenceSession(
         str(tiny_qwen3vl_onnx / "base/vision.onnx"), providers=["CPUExecutionProvider"]
     )
     assert [o.name for o in vision.get_outputs()] == ["image_embeds", "deepstack_features"]
+
+
+def test_the_decoder_needs_no_contrib_ops(tiny_qwen3vl_onnx: Path) -> None:
+    """TensorRT parses the decoder as it is: its shared-prefix attention is written in standard ops."""
+    import onnx
+
+    from export.tensorrt.lower import lower_contrib_attention
+
+    graph = onnx.load(str(tiny_qwen3vl_onnx / "base/decoder.onnx"), load_external_data=False)
+    assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}
+    assert lower_contrib_attention(graph, "fp32") == 0
+
+
+@pytest.mark.parametrize(("batch", "length", "prefix", "own"), [(1, 5, 0, 5), (3, 1, 7, 2), (2, 4, 6, 4)])
+def test_shared_prefix_attention_is_eager_attention_over_the_repeated_prefix(batch, length, prefix, own):
+    """One batch-1 prefix + each row's own KV gives what transformers' eager attention gives on the prefix
+    repeated per row and concatenated before the own KV (grouped heads, a causal mask)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    from export.onnx.base import TextDecoder, attention_bias, shared_prefix_attention
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim = 4, 2, 8
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups, module.training = 1, heads // kv_heads, False
+    query = torch.randn(batch, heads, length, head_dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, own, head_dim, generator=generator) for _ in range(2))
+    shared = [torch.randn(1, kv_heads, prefix, head_dim, generator=generator) for _ in range(4)]
+    allowed = TextDecoder.causal(length, prefix + own, query.device)[None, None].expand(batch, 1, -1, -1)
+    mask = attention_bias(allowed, query.dtype)
+    got, _ = shared_prefix_attention(module, query, key, value, mask, 0.3, shared_prefix=tuple(shared))
+    full_key = torch.cat([shared[2].expand(batch, -1, -1, -1), key], dim=2)
+    full_value = torch.cat([shared[3].expand(batch, -1, -1, -1), value], dim=2)
+    expected, _ = eager_attention_forward(module, query, full_key, full_value, mask, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sizes", [[(64, 64)], [(96, 160)], [(200, 72)], [(256, 256)], [(64, 128), (96, 32)]])

@@ -78,6 +78,8 @@ def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]
         embeds[0, prompt.image_mask] += features  # Molmo2 adds image features to the <im_patch> embeddings
     types = image_layout.token_types(ids, runtime.family.vocab)[None]
     past = [np.zeros((1, kv_heads, 0, head_dim), np.float32) for _ in range(2 * layers)]
+    # an empty shared prefix: the graph is then a plain KV decoder, which the runtime's forks must match
+    no_prefix = {f"prefix_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
 
     def run(embeds_chunk, start, types_total):
         length = embeds_chunk.shape[1]
@@ -88,7 +90,7 @@ def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]
             "token_types": types_total,
         }
         feeds |= {f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
-        logits, *present = graphs["decoder"].run(None, feeds)
+        logits, *present = graphs["decoder"].run(None, feeds | no_prefix)
         return logits[0], present
 
     _, past = run(embeds[:, :split], 0, types[:, :split])

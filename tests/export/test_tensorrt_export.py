@@ -32,6 +32,7 @@ DECODER = {
     "inputs_embeds": ("batch", "sequence", 128),
     "attention_mask": ("batch", "total"),
     "past_key_values.0.key": ("batch", 2, "past", 32),
+    "prefix_key_values.0.key": (1, 2, "prefix", 32),
 }
 
 
@@ -141,7 +142,10 @@ def test_profiles_follow_the_real_exported_graphs(tiny_qwen3vl_onnx: Path, tmp_p
     past = [name for name in decode.shapes if name.startswith("past_key_values.")]
     assert len(past) == 2 * sizes["num_layers"]
     kv = (sizes["num_key_value_heads"], sizes["head_dim"])
-    assert decode.shapes[past[0]][2] == (4, kv[0], 1801, kv[1])  # (batch, kv heads, past, head_dim)
+    assert decode.shapes[past[0]][2] == (4, kv[0], 255, kv[1])  # (batch, kv heads, own past, head_dim)
+    prefix = [name for name in decode.shapes if name.startswith("prefix_key_values.")]
+    assert len(prefix) == 2 * sizes["num_layers"]
+    assert decode.shapes[prefix[0]][2] == (1, kv[0], 1546, kv[1])  # one copy of the prompt for the batch
     assert prefill.shapes["inputs_embeds"][2] == (1, 1546, sizes["hidden_size"])
     assert prefill.shapes["deepstack_embeds"][0] == (sizes["num_deepstack"], 1, 1, sizes["hidden_size"])
     (vision,) = profiles["base/vision.onnx"]

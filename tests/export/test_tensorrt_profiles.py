@@ -62,6 +62,8 @@ DECODER = {
     "deepstack_embeds": (1, "batch", "sequence", 128),
     "past_key_values.0.key": ("batch", 2, "past", 32),
     "past_key_values.0.value": ("batch", 2, "past", 32),
+    "prefix_key_values.0.key": (1, 2, "prefix", 32),
+    "prefix_key_values.0.value": (1, 2, "prefix", 32),
 }
 
 
@@ -115,13 +117,15 @@ def test_demo_spec_profiles() -> None:
         "batch": (1, 1, 1),
         "sequence": (1, 322, 394),
         "past": (0, 0, 393),
+        "prefix": (0, 0, 0),
         "total": (1, 322, 787),
     }
     assert plan.decode.axes == {
         "batch": (1, 4, 4),
         "sequence": (1, 1, 1),
-        "past": (1, 346, 417),  # opt: perceive prompt + half of its 48 new tokens
-        "total": (2, 347, 418),
+        "prefix": (1, 322, 394),  # the prompt, one copy for the batch; opt: the perceive prompt
+        "past": (0, 24, 47),  # each rollout's own tokens; opt: half of perceive's 48 new tokens
+        "total": (2, 347, 442),
     }
 
 
@@ -133,7 +137,8 @@ def test_wbf8_spec_profiles() -> None:
     assert plan.prefill.axes["sequence"] == (1, 514, 1546)
     assert plan.prefill.axes["past"] == (0, 0, 1545)
     assert plan.decode.axes["batch"] == (1, 8, 8)
-    assert plan.decode.axes["past"] == (1, 642, 1801)
+    assert plan.decode.axes["prefix"] == (1, 514, 1546)
+    assert plan.decode.axes["past"] == (0, 128, 255)
     assert plan.decode.axes["total"] == (2, 643, 1802)
 
 
@@ -158,12 +163,12 @@ def test_text_budget_and_workload_checks() -> None:
 
 
 def test_every_profile_point_is_runnable() -> None:
-    """At each of min, opt and max: total = past + sequence (the mask covers exactly the keys)."""
+    """At each of min, opt and max: total = prefix + past + sequence (the mask covers exactly the keys)."""
     for spec in (DEMO, WBF8):
         plan = plan_profiles(workload_from_spec(spec), QWEN)
         for axes in (plan.prefill.axes, plan.decode.axes):
             for k in range(3):
-                assert axes["total"][k] == axes["past"][k] + axes["sequence"][k]
+                assert axes["total"][k] == axes["prefix"][k] + axes["past"][k] + axes["sequence"][k]
             for low, opt, high in axes.values():
                 assert low <= opt <= high
 
@@ -180,9 +185,12 @@ def test_graph_shapes_for_the_exported_input_names() -> None:
     assert prefill.shapes["inputs_embeds"] == ((1, 1, 128), (1, 514, 128), (1, 1546, 128))
     assert prefill.shapes["position_ids"] == ((3, 1, 1), (3, 1, 514), (3, 1, 1546))
     assert prefill.shapes["past_key_values.0.key"] == ((1, 2, 0, 32), (1, 2, 0, 32), (1, 2, 1545, 32))
+    assert prefill.shapes["prefix_key_values.0.key"] == ((1, 2, 0, 32),) * 3  # a prefill shares no prefix
     assert decode.shapes["deepstack_embeds"] == ((1, 1, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
     assert decode.shapes["attention_mask"] == ((1, 2), (8, 643), (8, 1802))
-    assert decode.shapes["past_key_values.0.value"] == ((1, 2, 1, 32), (8, 2, 642, 32), (8, 2, 1801, 32))
+    # decoding: the prompt is one batch-1 prefix; each rollout's own past holds only its new tokens
+    assert decode.shapes["prefix_key_values.0.key"] == ((1, 2, 1, 32), (1, 2, 514, 32), (1, 2, 1546, 32))
+    assert decode.shapes["past_key_values.0.value"] == ((1, 2, 0, 32), (8, 2, 128, 32), (8, 2, 255, 32))
     assert decode.as_dict()["attention_mask"] == [[1, 2], [8, 643], [8, 1802]]
 
     embed_prefill, embed_decode = graph_profiles(EMBED, plan)  # same axes as the decoder's

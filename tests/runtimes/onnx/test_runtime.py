@@ -68,6 +68,68 @@ def test_generate_leaves_the_prefix_kv_as_it_was(bundle) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(kv_before, prefix.state[0], strict=True))
 
 
+class RecordingDecoder:
+    """A DecoderSession that keeps every call's own past, shared prefix and returned present KV."""
+
+    def __init__(self, inner: DecoderSession) -> None:
+        self.inner, self.calls = inner, []
+
+    def __call__(self, inputs, past, prefix=None):
+        logits, present = self.inner(inputs, past, prefix)
+        self.calls.append((list(past), prefix, present))
+        return logits, present
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_rollouts_read_one_copy_of_the_prompt_kv(bundle, n) -> None:
+    """The fork copies no KV: every decoding step of the n rollouts gets the suffix's present KV itself
+    (batch 1, the prompt's length) as the shared prefix, and their own past holds only the new tokens, so
+    the prompt's KV held does not grow with n."""
+    path, resolution = bundle
+    runtime = OnnxRuntime(path, device="cpu")
+    family = family_of(runtime)
+    prefix = runtime.prefill(
+        family.image_prefix(family.prepare_image(picture(96, 64), resolution, "share")), "base"
+    )
+    recording = RecordingDecoder(runtime.graphs("base").decoder)
+    runtime.graphs("base").decoder = recording
+    suffix = family.question_suffix("find the dog")
+    seeds = tuple(range(n))
+    (first, *_) = runtime.generate(
+        prefix, suffix, n, Sampling(6, temperature=0.7, seeds=seeds, ignore_eos=True)
+    )
+    (_, _, prompt_kv), *steps = recording.calls  # the suffix's forward, then the decoding steps
+    prompt_tokens = prefix.n_tokens + first.prompt_tokens
+    assert len(steps) == 5 and all(value.shape[:3:2] == (1, prompt_tokens) for value in prompt_kv)
+    for step, (own, shared, _) in enumerate(steps):
+        assert all(a is b for a, b in zip(shared, prompt_kv, strict=True))  # the same arrays, not copies
+        assert all(value.shape[:3:2] == (n, step) for value in own)  # (n, kv heads, own tokens, head_dim)
+    held = sum(value.nbytes for value in steps[-1][1])
+    assert held == sum(value.nbytes for value in prompt_kv)  # one copy whatever n
+
+
+def test_a_graph_without_a_prefix_input_forks_by_repeating() -> None:
+    """Bundles exported before the shared prefix: the KV is repeated into the n sequences' past."""
+
+    class Session:  # the parts of an InferenceSession that DecoderSession reads
+        def get_inputs(self):
+            return [type("Input", (), {"name": name}) for name in ("inputs_embeds", "past_key_values.0.key")]
+
+        def get_outputs(self):
+            return [type("Output", (), {"name": name}) for name in ("logits", "present.0.key")]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    decoder = DecoderSession(Session(), (2, 4), np.float32)
+    kv = [np.ones((1, 2, 3, 4), np.float32)]
+    past, shared = decoder.fork(kv, 3)
+    assert shared is None and past[0].shape == (3, 2, 3, 4)
+
+
 def test_io_binding_path_decodes_the_same_tokens(bundle) -> None:
     """The CUDA path's IO binding (KV kept as OrtValues between steps), run on CPU so it is tested here."""
     path, resolution = bundle
