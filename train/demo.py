@@ -165,10 +165,10 @@ class DemoData:
                 for index in range(per_task if slot.resolution else max(2, per_task // 4))
             ]
             sequences = [self.sequence(slot, scene, render(scene), rng) for scene in scenes]
-            choices = [len(SHAPES) if scene.kind == "shape" else len(COLORS) for scene in scenes]
+            answers = [SHAPES if scene.kind == "shape" else tuple(COLORS) for scene in scenes]
             probes.append(
                 make_probe(
-                    slot.name, sequences, tokenizer, grounding=slot.task == "perceive", choices=choices
+                    slot.name, sequences, tokenizer, grounding=slot.task == "perceive", answers=answers
                 )
             )
         return probes

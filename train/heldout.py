@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ class Probe:
     name: str
     sequences: tuple[TrainingSequence, ...]
     positions: tuple[int, ...]
-    chance: float  # nats: mean over the sequences of log(number of values the scored token can take)
+    chance: float  # nats: the scored token's entropy when the answer is uniform, mean over the sequences
 
 
 def informative_position(sequence: TrainingSequence, tokenizer: Tokenizer, *, grounding: bool) -> int:
@@ -58,12 +59,23 @@ def make_probe(
     tokenizer: Tokenizer,
     *,
     grounding: bool,
-    choices: Sequence[int] = (),
+    answers: Sequence[Sequence[str]] = (),
 ) -> Probe:
-    """choices: per sequence, how many answers its question allows (grounding tasks: the ten digits)."""
+    """answers: per sequence, the answers its question allows (not needed for grounding: ten digits)."""
     positions = tuple(informative_position(s, tokenizer, grounding=grounding) for s in sequences)
-    counts = [DIGITS] * len(sequences) if grounding else list(choices)
-    return Probe(name, tuple(sequences), positions, sum(map(math.log, counts)) / len(counts))
+    chances = (
+        [math.log(DIGITS)] * len(sequences)
+        if grounding
+        else [first_token_entropy(tokenizer, a) for a in answers]
+    )
+    return Probe(name, tuple(sequences), positions, sum(chances) / len(chances))
+
+
+def first_token_entropy(tokenizer: Tokenizer, answers: Sequence[str]) -> float:
+    """Entropy (nats) of an answer's first token when the answer is uniform over `answers`: less than
+    log(len(answers)) where answers share a first token ("circle" and "cross" both start with "c")."""
+    counts = Counter(tokenizer.encode(answer, add_special_tokens=False).ids[0] for answer in answers)
+    return -sum(c / len(answers) * math.log(c / len(answers)) for c in counts.values())
 
 
 @torch.no_grad()

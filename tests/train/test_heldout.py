@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 from evals.synth import render, sample_scene
 from train.demo import HELDOUT_SLOTS, STEP_SLOTS, DemoData, Slot
 from train.examples import collate
-from train.heldout import informative_position, make_probe, probe_losses
+from train.heldout import first_token_entropy, informative_position, make_probe, probe_losses
 
 
 def _scene_sequence(demo_data: DemoData, slot: Slot, kind: str, seed: int):
@@ -45,9 +45,14 @@ def test_chance_is_uniform_over_what_the_token_can_take(demo_data: DemoData):
     tokenizer = demo_data.torch_family.tokenizer
     _, perceive = _scene_sequence(demo_data, Slot("perceive", 256), "shape", 2)
     assert make_probe("p", [perceive], tokenizer, grounding=True).chance == pytest.approx(math.log(10))
-    answers = [_scene_sequence(demo_data, Slot("view", 256), kind, 3)[1] for kind in ("shape", "color")]
-    probe = make_probe("v", answers, tokenizer, grounding=False, choices=[5, 6])
-    assert probe.chance == pytest.approx((math.log(5) + math.log(6)) / 2)
+    # one-character answers are one token each
+    assert first_token_entropy(tokenizer, ["x", "y"]) == pytest.approx(math.log(2))
+    # answers sharing a first token ("circle" and "cross" both start with "c") lower chance
+    assert first_token_entropy(tokenizer, ["x", "x"]) == 0.0
+    assert first_token_entropy(tokenizer, ["x", "x", "y", "z"]) == pytest.approx(1.5 * math.log(2))
+    sequences = [_scene_sequence(demo_data, Slot("view", 256), kind, 3)[1] for kind in ("shape", "color")]
+    probe = make_probe("v", sequences, tokenizer, grounding=False, answers=[["x", "y"], ["x", "x", "y", "z"]])
+    assert probe.chance == pytest.approx((math.log(2) + 1.5 * math.log(2)) / 2)
 
 
 def test_probe_losses_are_the_cross_entropy_of_the_scored_tokens(demo_data: DemoData, tiny_qwen3vl):
