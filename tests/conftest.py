@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,13 +47,11 @@ def tiny_molmo2_lora(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory
     return build_tiny_lora(tiny_molmo2, tmp_path_factory.mktemp("lora") / "molmo2", seed=0)
 
 
-def _export_onnx(model: Path, lora: Path, out: Path) -> Path:
+def _export_onnx(model: Path, lora: Path, out: Path, *options: str) -> Path:
     from engine.cli import main
 
-    assert (
-        main(["export", "onnx", "--model", str(model), "--out", str(out), "--perception-lora", str(lora)])
-        == 0
-    )
+    args = ["export", "onnx", "--model", str(model), "--out", str(out), "--perception-lora", str(lora)]
+    assert main([*args, *options]) == 0
     return out
 
 
@@ -74,31 +72,71 @@ def tiny_molmo2_onnx(
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3vl_onnx_as(
+    tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """fp16, int8 or int4 -> the tiny model's ONNX bundle in that precision (`--dtype fp16`, `--quant
+    int8|int4`), perception variant included, each exported once per session on first use."""
+    options = {"fp16": ("--dtype", "fp16"), "int8": ("--quant", "int8"), "int4": ("--quant", "int4")}
+    found: dict[str, Path] = {}
+
+    def bundle(kind: str) -> Path:
+        if kind not in found:
+            out = tmp_path_factory.mktemp(f"onnx-{kind}") / "bundle"
+            found[kind] = _export_onnx(tiny_qwen3vl, tiny_qwen3vl_lora, out, *options[kind])
+        return found[kind]
+
+    return bundle
+
+
+def _export_gguf(model: Path, out: Path, quant: str, lora: Path | None = None) -> Path:
+    """`sparc-engine export gguf` as a user types it; skips without llama-cpp-python."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
+    from engine.cli import main
+
+    args = ["export", "gguf", "--model", str(model), "--out", str(out), "--quant", quant]
+    assert main([*args, *(["--perception-lora", str(lora)] if lora else [])]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3vl_gguf(
     tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The tiny model exported once to an f32 GGUF bundle (+ a 'perception' variant merged from its
     LoRA); skips without llama-cpp-python."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
-    from engine.cli import main
-
-    bundle = tmp_path_factory.mktemp("gguf") / "bundle"
-    args = ["export", "gguf", "--model", str(tiny_qwen3vl), "--out", str(bundle), "--quant", "f32"]
-    assert main([*args, "--perception-lora", str(tiny_qwen3vl_lora)]) == 0
-    return bundle
+    return _export_gguf(tiny_qwen3vl, tmp_path_factory.mktemp("gguf") / "bundle", "f32", tiny_qwen3vl_lora)
 
 
 @pytest.fixture(scope="session")
 def tiny_molmo2_gguf(tiny_molmo2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Molmo2 exported once to an f32 hybrid GGUF bundle (text GGUF + ONNX vision and embed
     graphs); skips without llama-cpp-python."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
-    from engine.cli import main
+    return _export_gguf(tiny_molmo2, tmp_path_factory.mktemp("molmo2-gguf") / "bundle", "f32")
 
-    bundle = tmp_path_factory.mktemp("molmo2-gguf") / "bundle"
-    args = ["export", "gguf", "--model", str(tiny_molmo2), "--out", str(bundle), "--quant", "f32"]
-    assert main(args) == 0
+
+@pytest.fixture(scope="session")
+def gguf_as(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """(checkpoint fixture, quant) -> that tiny checkpoint's GGUF bundle in that quant (base variant only),
+    each exported once per session on first use; skips without llama-cpp-python."""
+    found: dict[tuple[str, str], Path] = {}
+
+    def bundle(checkpoint: str, quant: str) -> Path:
+        if (checkpoint, quant) not in found:
+            out = tmp_path_factory.mktemp(f"{checkpoint}-{quant}") / "bundle"
+            found[checkpoint, quant] = _export_gguf(request.getfixturevalue(checkpoint), out, quant)
+        return found[checkpoint, quant]
+
     return bundle
+
+
+@pytest.fixture(scope="session")
+def opened() -> Iterator[dict]:
+    """Runtimes opened once per session, by (runtime, bundle): opening one costs more than a test."""
+    runtimes: dict = {}
+    yield runtimes
+    for runtime in runtimes.values():
+        runtime.close()
 
 
 @pytest.fixture(scope="session")

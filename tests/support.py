@@ -150,6 +150,18 @@ def timeless_result(spec: dict, runtime, image: Image.Image) -> dict:
     return timeless
 
 
+def without_texts(result: dict) -> dict:
+    """A timeless result less what another rounding of the same weights may change with fixed groundings:
+    the answer, the reason stage's text and every stage's generated length."""
+    kept = {key: value for key, value in result.items() if key != "answer"}
+    kept["stages"] = [
+        {key: value for key, value in stage.items() if key != "generated_tokens"}
+        for stage in result["stages"]
+    ]
+    kept["stages"][-1].pop("outputs")
+    return kept
+
+
 DEMO_SPEC = ROOT / "specs" / "demo.yaml"
 SPARC_ENGINE = str(Path(sys.executable).parent / "sparc-engine")  # the installed command
 # longer than the tiny model's 4096-token context: the runtime refuses it, and only that query fails

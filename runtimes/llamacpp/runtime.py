@@ -71,6 +71,11 @@ from runtimes.protocol import (
 GGML_LOG_LEVEL_ERROR = 4
 
 
+def cpu_has_amx() -> bool:
+    """Whether llama.cpp's CPU backend would put quantized weights in its AMX buffer type (Intel AMX-INT8)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 @llama_cpp.llama_log_callback
 def _log_errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp and libmtmd log every tensor and buffer at load; a CLI user wants only the errors
@@ -135,6 +140,11 @@ class _VariantModel:
     def __init__(self, text: Path, mmproj: Path | None, image: ImageConfig, options: dict) -> None:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = options["n_gpu_layers"]
+        # llama-cpp-python 0.3.36 on an AMX-INT8 Xeon segfaults in the first llama_decode of a q8_0 or
+        # q4_k_m model whose weights sit in ggml's AMX buffer type (seen with hidden sizes 128 and 512; f16
+        # weights there run): on such a CPU a quantized model's weights stay in plain CPU buffers (this also
+        # skips ggml's repacked CPU layouts)
+        model_params.use_extra_bufts = options["extra_buffer_types"]
         self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), model_params)
         if not self.model:
             raise RuntimeInputError(f"llama.cpp could not load {text}")
@@ -247,6 +257,7 @@ class LlamaCppRuntime:
             "n_threads": n_threads or os.cpu_count() or 1,
             "n_gpu_layers": self._gpu_layers(device),
             "exact": self.manifest.dtype == "f32",
+            "extra_buffer_types": self.manifest.dtype in ("f32", "f16") or not cpu_has_amx(),
         }
         if prefix_slots + max_rollouts > 256:  # LLAMA_MAX_SEQ
             raise RuntimeInputError("prefix_slots + max_rollouts must stay within llama.cpp's 256 sequences")

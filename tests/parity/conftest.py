@@ -1,14 +1,14 @@
-"""The parity suite's fixtures: the models only it uses, and runtimes opened once per session."""
+"""The parity suite's fixtures: the models only it uses, and a case's runtime beside torch_ref (both
+opened once per session, in tests/conftest.py's `opened`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.parity.models import Case, open_reference
+from tests.parity.models import Case, open_once, open_reference
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -31,21 +31,8 @@ def tiny_molmo2_crop84_onnx(tiny_molmo2_crop84: Path, tmp_path_factory: pytest.T
     return bundle
 
 
-@pytest.fixture(scope="session")
-def opened() -> Iterator[dict]:
-    """Runtimes opened once per session, by (runtime, bundle): opening one costs more than a test."""
-    runtimes: dict = {}
-    yield runtimes
-    for runtime in runtimes.values():
-        runtime.close()
-
-
 @pytest.fixture
 def pair(request: pytest.FixtureRequest, opened: dict, case: Case):
     """(the runtime under test, torch_ref on the same checkpoint and LoRA) for a case."""
-    from runtimes import open_runtime
-
     bundle = request.getfixturevalue(case.bundle.fixture)
-    if (case.runtime, bundle) not in opened:
-        opened[case.runtime, bundle] = open_runtime(case.runtime, bundle, "cpu")
-    return opened[case.runtime, bundle], open_reference(request, opened, case.model)
+    return open_once(opened, case.runtime, bundle), open_reference(request, opened, case.model)

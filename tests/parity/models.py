@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 
-from runtimes.protocol import Prefix, Segment
+from runtimes.protocol import Prefix, Sampling, Segment
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,45 @@ def last_logits(prefix: Prefix) -> np.ndarray:
     """Logits after a prefix's last token (every runtime keeps them in the prefix state)."""
     state = prefix.state
     return state.logits if hasattr(state, "logits") else state[1]
+
+
+def step_logits(
+    runtime, prefix: Prefix, suffix: Sequence[Segment], steps: int, forced: Sequence[int] | None = None
+) -> tuple[list[int], np.ndarray]:
+    """One greedy sequence through the runtime's own decode loop: its tokens and the logits each step
+    chose from, (steps, vocab), the first after the prompt. With `forced`, those tokens are fed instead of
+    the winners (teacher forcing), so that two runtimes are compared on the same context at every step."""
+    from runtimes.decoding import Sampler
+
+    seen: list[np.ndarray] = []
+    choose = Sampler.__call__
+
+    def recorded(sampler: Sampler, logits: np.ndarray) -> np.ndarray:
+        seen.append(logits[0].copy())
+        return np.array([forced[len(seen) - 1]]) if forced is not None else choose(sampler, logits)
+
+    with mock.patch.object(Sampler, "__call__", recorded):
+        (generation,) = runtime.generate(prefix, suffix, 1, Sampling(steps, ignore_eos=True))
+    return generation.token_ids, np.stack(seen)
+
+
+def teacher_forced_drift(
+    ours, reference, prefix_segments: Sequence[Segment], suffix: Sequence[Segment], steps: int
+) -> tuple[np.ndarray, list[int]]:
+    """|logits of `ours` - the reference's| at every decode step, (steps, vocab), both fed the reference's
+    greedy tokens (base variant); and those tokens."""
+    tokens, expected = step_logits(reference, reference.prefill(prefix_segments, "base"), suffix, steps)
+    _, got = step_logits(ours, ours.prefill(prefix_segments, "base"), suffix, steps, forced=tokens)
+    return np.abs(got - expected), tokens
+
+
+def open_once(opened: dict, runtime: str, bundle):
+    """A runtime on a bundle (CPU), opened once per session in tests/conftest.py's `opened`."""
+    from runtimes import open_runtime
+
+    if (runtime, bundle) not in opened:
+        opened[runtime, bundle] = open_runtime(runtime, bundle, "cpu")
+    return opened[runtime, bundle]
 
 
 def _torch_ref_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:

@@ -28,18 +28,18 @@ def pipeline_spec(case: Case, stages: str, reuse: bool = True) -> dict:
 
 
 def assert_reuse_changes_only_the_accounting(
-    case: Case, stages: str, runtime, image: Image.Image, result: dict
+    case: Case, stages: str, runtime, image: Image.Image, result: dict, same_texts: bool = True
 ) -> None:
     """The same spec without prefix reuse gives the same result; prompt + reused tokens equal the naive
-    path's prompt tokens, and the reason stage reuses KV exactly when it can."""
+    path's prompt tokens, and the reason stage reuses KV exactly when it can. `same_texts=False`: a runtime
+    whose kernels round a prompt split in two differently (llama.cpp with f16 KV and quantized weights) may
+    pick other tokens at a near-tie; then only the regions, crops and accounting are compared."""
     naive = timeless_result(pipeline_spec(case, stages, reuse=False), runtime, image)
-    assert (naive["answer"], naive["regions"], naive["crops"]) == (
-        result["answer"],
-        result["regions"],
-        result["crops"],
-    )
+    assert (naive["regions"], naive["crops"]) == (result["regions"], result["crops"])
+    assert naive["answer"] == result["answer"] or not same_texts
     for reused, fresh in zip(result["stages"], naive["stages"], strict=True):
-        assert reused["outputs"] == fresh["outputs"] and fresh["reused_tokens"] == 0
+        assert reused["outputs"] == fresh["outputs"] or not same_texts
+        assert fresh["reused_tokens"] == 0
         assert reused["prompt_tokens"] + reused["reused_tokens"] == fresh["prompt_tokens"]
     assert result["stages"][0]["reused_tokens"] > 0  # the rollouts fork one prefill
     # the reason stage reuses the perceive stage's view exactly when variant and resolution match, and
