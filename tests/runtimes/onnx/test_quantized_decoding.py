@@ -53,10 +53,19 @@ def test_every_decode_steps_logits_stay_near_fp32(
 
 
 def test_fp16_decodes_fp32s_greedy_tokens(tiny_qwen3vl_onnx, tiny_qwen3vl_onnx_as, opened, prompts):
+    """Identical up to the first step whose fp32 winner leads by less than twice fp16's drift bound: a
+    closer race may go either way on another CPU (here the closest lead is 0.006)."""
     fp32 = open_once(opened, "onnx", tiny_qwen3vl_onnx)
     fp16 = open_once(opened, "onnx", tiny_qwen3vl_onnx_as("fp16"))
+    compared = 0
     for prefix, suffix in prompts:
-        expected, _ = step_logits(fp32, fp32.prefill(prefix, "base"), suffix, NEW_TOKENS)
+        expected, expected_logits = step_logits(fp32, fp32.prefill(prefix, "base"), suffix, NEW_TOKENS)
         got, logits = step_logits(fp16, fp16.prefill(prefix, "base"), suffix, NEW_TOKENS)
-        assert got == expected
+        top_two = np.sort(expected_logits, axis=-1)[:, -2:]
+        close = np.flatnonzero(top_two[:, 1] - top_two[:, 0] < 2 * BOUNDS["fp16"][0])
+        decided = int(close[0]) if close.size else NEW_TOKENS
+        assert got[:decided] == expected[:decided]
+        compared += decided
         assert logits.dtype == np.float32  # the runtime hands float32 logits to the sampler
+    # random weights race often: 15 of the 48 steps come before a close one here
+    assert compared >= NEW_TOKENS // 2
