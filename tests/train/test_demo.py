@@ -14,7 +14,7 @@ import pytest
 from engine.boxes import Box
 from engine.cropping import PixelBox
 from evals.synth import render, sample_scene
-from train.demo import HELDOUT_SLOTS, STEP_SLOTS, DemoData
+from train.demo import HELDOUT_SLOTS, OBJECT_SIZE, OBJECTS, STEP_SLOTS, TRAIN_SIZES, Curriculum, DemoData
 from train.examples import END_OF_TURN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +93,19 @@ def test_reason_crops_follow_the_spec_and_mostly_hold_the_target(demo_data: Demo
         holding += any(b.contains(target) for b in boxes)
     # the simulation misses on purpose (10%) and by jitter now and then; most crops hold the target
     assert 0.75 <= holding / 120 <= 0.97
+
+
+def test_the_curriculum_shrinks_lone_large_objects_to_the_benchmarks_scenes():
+    curriculum, steps = Curriculum(), 1000
+    assert curriculum.scene(0, steps) == ((1, 1), curriculum.start_size)
+    end = round(curriculum.fraction * steps)
+    for step in (end, steps - 1):
+        objects, size = curriculum.scene(step, steps)
+        assert objects == OBJECTS and size == pytest.approx(OBJECT_SIZE)
+    sizes = [curriculum.scene(step, steps)[1] for step in range(0, end + 1, 50)]
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(sizes, sizes[1:]))  # shrinking all the way
+    rng = np.random.default_rng(0)
+    for step in range(0, end + 1, 25):  # every stage's scenes fit every training size
+        objects, size = curriculum.scene(step, steps)
+        for width, height in TRAIN_SIZES:
+            assert len(sample_scene(rng, width, height, objects[1], object_size=size).objects) == objects[1]
