@@ -55,13 +55,20 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes(tmp_path, tiny_qwen3vl_onnx):
     dataset = write_dataset(tmp_path / "data", ROWS_TO_INTERRUPT)
     out = tmp_path / "out.jsonl"
     command = dataset_command(tiny_qwen3vl_onnx, dataset, out, perceive_tokens=SLOW)
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # as a terminal's Ctrl-C finds it: SIGINT at its default, whatever this test process inherited
+    process = subprocess.Popen(
+        command, cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_by_default
+    )
     wait_for_lines(out, 1, process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, (len(read_results(out)), signal.getsignal(signal.SIGINT), err[-500:])
     assert err.strip().splitlines()[-1] == "interrupted"
     assert len(read_results(out)) < ROWS_TO_INTERRUPT
 
     assert main(command[1:]) == 0
     assert set(read_results(out)) == {f"r{i}" for i in range(ROWS_TO_INTERRUPT)}
+
+
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
