@@ -20,6 +20,10 @@ import yaml
 
 from runtimes.protocol import ImageConfig, RuntimeInputError
 
+# The ONNX decoder's shared prefix KV inputs (batch 1), named PREFIX_KV.<layer>.key|value: the export
+# writes them, the runtime finds them by this name.
+PREFIX_KV = "prefix_key_values"
+
 MANIFEST = "manifest.yaml"
 SCHEMA_VERSION = 1
 

@@ -292,10 +292,10 @@ def train_base(
         table.copy_(position_table(math.isqrt(table.shape[0]), table.shape[1]))
     model.to(device)
 
-    def measure() -> dict[str, float]:
-        def batch(group: list[TrainingSequence]) -> dict:
-            return on_device(collate(torch_family, group), device)
+    def batch(group: list[TrainingSequence]) -> dict:
+        return on_device(collate(torch_family, group), device)
 
+    def measure() -> dict[str, float]:
         return probe_losses(model, probes, batch, MICRO_BATCH_TOKENS)
 
     with ThreadPoolExecutor(1) as prefetch:  # the next step's scenes render while this one trains
@@ -309,10 +309,7 @@ def train_base(
                 model.save_pretrained(out)
             if step % eval_every == 0:
                 heldout.record(step, measure())
-            return [
-                on_device(collate(torch_family, group), device)
-                for group in by_length(sequences, MICRO_BATCH_TOKENS)
-            ]
+            return [batch(group) for group in by_length(sequences, MICRO_BATCH_TOKENS)]
 
         schedule = Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1))
         curve = fit(model, batches, schedule, description="demo model")

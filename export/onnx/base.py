@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from runtimes.bundle import PREFIX_KV
 from runtimes.protocol import ImageConfig
 from runtimes.registry import Registered, Registry
 from runtimes.torch_ref.checkpoint import checkpoint_image_config
@@ -172,7 +173,6 @@ class EmbedTokens(nn.Module):
         return self.embed(input_ids)
 
 
-PREFIX_KV = "prefix_key_values"  # the decoder's shared prefix inputs: prefix_key_values.<layer>.key|value
 SHARED_PREFIX = "sparc_shared_prefix"  # the attention implementation the decoder graphs are traced with
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtimes.bundle import PREFIX_KV
 from runtimes.protocol import RuntimeInputError
 
 CUDA = "CUDAExecutionProvider"
@@ -51,8 +52,6 @@ def open_session(path: Path, providers: Sequence[str]) -> ort.InferenceSession:
 
 
 Past = list[Any]  # per layer key, value: np.ndarray (CPU) or OrtValue on the GPU (CUDA)
-# the decoder's shared prefix inputs (batch 1), as export/onnx/base.py names them
-PREFIX_KV = "prefix_key_values."
 
 
 class DecoderSession:
@@ -69,7 +68,7 @@ class DecoderSession:
         self.kv_heads, self.head_dim = kv_shape
         self.dtype = dtype
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.prefix_names = [i.name for i in session.get_inputs() if i.name.startswith(PREFIX_KV)]
+        self.prefix_names = [i.name for i in session.get_inputs() if i.name.startswith(f"{PREFIX_KV}.")]
         self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
         # IO binding when the graph runs on the GPU (KV stays there); on CPU plain numpy in/out is as fast.
         # bind_device="cpu" forces the binding path on CPU, so tests without a GPU exercise it too.
