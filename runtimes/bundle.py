@@ -23,6 +23,9 @@ from runtimes.protocol import ImageConfig, RuntimeInputError
 # The ONNX decoder's shared prefix KV inputs (batch 1), named PREFIX_KV.<layer>.key|value: the export
 # writes them, the runtime finds them by this name.
 PREFIX_KV = "prefix_key_values"
+# The ONNX decoder's (1,) int64 input saying where in its own KV buffer the chunk's K/V are written; a
+# decoder without it (exported before) returns present = past + chunk instead.
+CACHE_POSITION = "cache_position"
 
 MANIFEST = "manifest.yaml"
 SCHEMA_VERSION = 1

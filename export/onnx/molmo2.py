@@ -9,8 +9,9 @@ vision   crops (n_crops, 729, 14*14*3) + pooling rows (T, 4) of patch indices (-
          The crop count and the token count are free axes; every crop has the checkpoint's crop size
          (378 px of 14 px patches in the released ones), so nothing else varies.
 embed    input_ids (B, S) -> (B, S, H), the text rows and the additional (image-token) rows.
-decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, prefix+past+S), token_types
-         (B, prefix+past+S; 1 = image token), past KV and shared prefix KV per layer -> logits of the LAST position and present KV.
+decoder  inputs_embeds (B, S, H), 1-D position_ids (B, S), attention_mask (B, prefix+past), token_types
+         (B, prefix+past; 1 = image token), cache_position, past KV buffer and shared prefix KV per layer
+         (export/onnx/base.py) -> logits of the LAST position and present KV.
          Image tokens attend to each other in both directions wherever they are in the sequence
          (transformers' `block_sequence_ids` of the prefill chunk); text stays causal. On a decoding step
          every query is text, so the block has no effect there and token_types may be zeros.
@@ -34,6 +35,7 @@ from export.onnx.base import (
     LENGTH,
     PAST,
     PREFIX,
+    WRITE_AT,
     FlatCache,
     Graph,
     OnnxFamily,
@@ -83,16 +85,16 @@ class Decoder(TextDecoder):
         self,
         inputs_embeds: torch.Tensor,  # (B, S, H)
         position_ids: torch.Tensor,  # (B, S) int64
-        attention_mask: torch.Tensor,  # (B, prefix + past + S) int64: 1 = attend
-        token_types: torch.Tensor,  # (B, prefix + past + S) int64: 1 = image token (mm_token_type_ids)
-        *kv: torch.Tensor,  # past (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
+        attention_mask: torch.Tensor,  # (B, prefix + past) int64: 1 = attend
+        token_types: torch.Tensor,  # (B, prefix + past) int64: 1 = image token (mm_token_type_ids)
+        cache_position: torch.Tensor,  # (1,) int64: the chunk's first slot in the past buffer
+        *kv: torch.Tensor,  # past buffer (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
     ) -> tuple[torch.Tensor, ...]:
-        cache = FlatCache(kv)
+        cache = FlatCache(inputs_embeds, cache_position, kv)
         hidden = inputs_embeds
-        length = inputs_embeds.shape[1]
-        causal = self.causal(length, attention_mask.shape[1], hidden.device)  # (S, total)
+        causal = self.causal(cache, attention_mask.shape[1])  # (S, total)
         image = token_types == 1  # (B, total)
-        both_image = image[:, -length:, None] & image[:, None, :]  # (B, S, total)
+        both_image = image.index_select(1, cache.query_at)[:, :, None] & image[:, None, :]  # (B, S, total)
         allowed = (causal[None] | both_image) & attention_mask[:, None, :].bool()
         mask = attention_bias(allowed[:, None], hidden.dtype)
         rotary = {
@@ -105,7 +107,7 @@ class Decoder(TextDecoder):
                 position_embeddings=rotary[rope],
                 attention_mask=mask,
                 past_key_values=cache,
-                shared_prefix=cache.prefix,
+                flat_cache=cache,
             )
         return self.logits_and_present(hidden, cache)
 
@@ -136,10 +138,12 @@ class Molmo2Onnx(OnnxFamily):
         return Graph(VisionCore(model), (pixels, pooling), names, ["image_features"], axes)
 
     def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
-        cached = PREFIX + PAST
-        positions = torch.arange(cached, cached + LENGTH).expand(BATCH, LENGTH).contiguous()
-        types = torch.zeros(BATCH, cached + LENGTH, dtype=torch.int64)
-        types[:, 3:11] = 1  # image tokens across both cache boundaries (prefix | past | chunk)
+        first = (
+            PREFIX + WRITE_AT
+        )  # the chunk's first position, after the prefix and the buffer's written slots
+        positions = torch.arange(first, first + LENGTH).expand(BATCH, LENGTH).contiguous()
+        types = torch.zeros(BATCH, PREFIX + PAST, dtype=torch.int64)
+        types[:, 3:8] = 1  # image tokens across both cache boundaries (prefix | past | chunk)
         return self.kv_decoder_graph(
             Decoder(model),
             dtype,

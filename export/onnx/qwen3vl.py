@@ -14,9 +14,10 @@ vision   pixel patches + host-computed position tables + per-patch frame ids
 embed    input_ids (B, S) -> (B, S, H). A graph rather than a numpy table so that it runs where the
          decoder runs (the CUDA EP keeps the table on the GPU) and the bundle holds only ONNX files.
 decoder  inputs_embeds, M-RoPE position_ids (3, B, S), attention_mask (B, prefix+past+S), dense DeepStack
-         features (n_deep, B, S, H; zeros off image tokens), past KV and shared prefix KV (batch 1) per
-         layer (export/onnx/base.py) -> logits of the LAST position (B, vocab) and present KV per layer. Only the last position is
-         ever sampled; projecting the whole prompt to the vocabulary would cost S x vocab for nothing.
+         features (n_deep, B, S, H; zeros off image tokens), cache_position, past KV buffer and shared prefix
+         KV (batch 1) per layer (export/onnx/base.py) -> logits of the LAST position (B, vocab) and present
+         KV per layer. Only the last position is ever sampled; projecting the whole prompt to the vocabulary
+         would cost S x vocab for nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from export.onnx.attention import frame_attention
 from export.onnx.base import (
     BATCH,
     LENGTH,
-    PAST,
     PREFIX,
+    WRITE_AT,
     FlatCache,
     Graph,
     OnnxFamily,
@@ -88,13 +89,14 @@ class Decoder(TextDecoder):
         self,
         inputs_embeds: torch.Tensor,  # (B, S, H)
         position_ids: torch.Tensor,  # (3, B, S) int64: temporal, height, width rope positions
-        attention_mask: torch.Tensor,  # (B, prefix + past + S) int64: 1 = attend
+        attention_mask: torch.Tensor,  # (B, prefix + past) int64: 1 = attend
         deepstack_embeds: torch.Tensor,  # (n_deep, B, S, H): added after layer i; zeros off image tokens
-        *kv: torch.Tensor,  # past (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
+        cache_position: torch.Tensor,  # (1,) int64: the chunk's first slot in the past buffer
+        *kv: torch.Tensor,  # past buffer (B, n_kv_heads, past, head_dim), then shared prefix (1, ...): 2 per layer
     ) -> tuple[torch.Tensor, ...]:
-        cache = FlatCache(kv)
+        cache = FlatCache(inputs_embeds, cache_position, kv)
         hidden = inputs_embeds
-        causal = self.causal(inputs_embeds.shape[1], attention_mask.shape[1], hidden.device)  # (S, total)
+        causal = self.causal(cache, attention_mask.shape[1])  # (S, total)
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, total)
         mask = attention_bias(allowed, hidden.dtype)
         rotary = self.text.rotary_emb(hidden, position_ids)  # cos, sin: (B, S, head_dim)
@@ -104,7 +106,7 @@ class Decoder(TextDecoder):
                 position_embeddings=rotary,
                 attention_mask=mask,
                 past_key_values=cache,
-                shared_prefix=cache.prefix,
+                flat_cache=cache,
             )
             if index < deepstack_embeds.shape[0]:
                 hidden = hidden + deepstack_embeds[index]
@@ -150,7 +152,10 @@ class Qwen3VLOnnx(OnnxFamily):
 
     def decoder_graph(self, model: nn.Module, dtype: torch.dtype) -> Graph:
         sizes = self.sizes()
-        positions = torch.arange(PREFIX + PAST, PREFIX + PAST + LENGTH).expand(3, BATCH, LENGTH).contiguous()
+        first = (
+            PREFIX + WRITE_AT
+        )  # the chunk's first position, after the prefix and the buffer's written slots
+        positions = torch.arange(first, first + LENGTH).expand(3, BATCH, LENGTH).contiguous()
         deepstack = torch.zeros(sizes["num_deepstack"], BATCH, LENGTH, sizes["hidden_size"], dtype=dtype)
         return self.kv_decoder_graph(
             Decoder(model),

@@ -27,8 +27,16 @@ Sizing rules (Qwen3-VL; units: tokens = LLM positions, patches = 16 px vision pa
                  stage's prompt; past (each rollout's own tokens) 0 .. most new tokens - 1, opt = half
                  the hot stage's new tokens.
 
+  in place      a decoder with `cache_position` (export/onnx/base.py, every bundle exported now) writes the
+                 chunk into its past buffer, so total = prefix + past, and the buffer holds the chunk plus
+                 the room for the new tokens. prefill: past (the chunk and its room) 1 .. longest prompt +
+                 most new tokens - 1, opt = the first stage's prompt; prefix 0 .. longest prompt - 1 (a
+                 suffix reads the cached prompt as the shared prefix). decode: past (the suffix and the
+                 new tokens) 1 .. longest prompt + most new tokens - 1, opt = the hot stage's new tokens;
+                 batch, sequence and prefix as above.
+
 The profiles name graph axes ("patches", "batch", "sequence", "past", "prefix", "total" = prefix + past +
-sequence); the
+sequence, or prefix + past in place); the
 input names and their static dims come from the ONNX graphs themselves (`onnx_inputs`), so the profiles
 follow whatever the ONNX exporter writes, and an axis they do not know fails loudly.
 """
@@ -41,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.families.qwen3vl.pixels import fit_to_grid
+from runtimes.bundle import CACHE_POSITION
 from runtimes.protocol import ImageConfig
 
 if TYPE_CHECKING:
@@ -142,16 +151,20 @@ class Profile:
 
 @dataclass(frozen=True)
 class Plan:
-    """The three axis profiles of a workload, with the token counts they were sized from."""
+    """The axis profiles of a workload, with the token counts they were sized from."""
 
     vision: AxisProfile
     prefill: AxisProfile
     decode: AxisProfile
     longest_prompt: int  # tokens
     context: int  # tokens: longest prompt + its new tokens, over stages
+    in_place_prefill: AxisProfile  # prefill and decode of a decoder that writes its past buffer in place
+    in_place_decode: AxisProfile
 
-    @property
-    def profiles(self) -> tuple[AxisProfile, ...]:
+    def profiles(self, inputs: Mapping[str, Sequence[Dim]]) -> tuple[AxisProfile, ...]:
+        """The axis profiles for a graph with these inputs: the in-place ones for such a decoder."""
+        if CACHE_POSITION in inputs:
+            return (self.vision, self.in_place_prefill, self.in_place_decode)
         return (self.vision, self.prefill, self.decode)
 
 
@@ -212,7 +225,28 @@ def plan_profiles(workload: Workload, image: ImageConfig, max_positions: int | N
             "total": (2, hot_prompt + hot_new // 2 + 1, longest + most_new),
         },
     )
-    return Plan(vision, prefill, decode, longest_prompt=longest, context=context)
+    buffer = longest + most_new - 1  # the most a past buffer holds: a whole prompt as the suffix, new tokens
+    in_place_prefill = AxisProfile(
+        "prefill",
+        {
+            "batch": (1, 1, 1),
+            "sequence": (1, first_prompt, longest),
+            "past": (1, first_prompt, buffer),
+            "prefix": (0, 0, longest - 1),
+            "total": (1, first_prompt, longest - 1 + buffer),  # prefix + past at every point
+        },
+    )
+    in_place_decode = AxisProfile(
+        "decode",
+        {
+            "batch": (1, batch, batch),
+            "sequence": (1, 1, 1),
+            "prefix": (1, hot_prompt, longest),
+            "past": (1, hot_new, buffer),
+            "total": (2, hot_prompt + hot_new, longest + buffer),
+        },
+    )
+    return Plan(vision, prefill, decode, longest, context, in_place_prefill, in_place_decode)
 
 
 def graph_profiles(inputs: Mapping[str, Sequence[Dim]], plan: Plan) -> list[Profile]:
@@ -220,7 +254,7 @@ def graph_profiles(inputs: Mapping[str, Sequence[Dim]], plan: Plan) -> list[Prof
 
     The vision graph gets [vision]; the embed and decoder graphs get [prefill, decode].
     """
-    matching = [axis.shapes(inputs) for axis in plan.profiles if axis.covers(inputs)]
+    matching = [axis.shapes(inputs) for axis in plan.profiles(inputs) if axis.covers(inputs)]
     if not matching:
         dynamic = sorted({dim for dims in inputs.values() for dim in dims if isinstance(dim, str)})
         raise ValueError(

@@ -122,7 +122,8 @@ class Molmo2ImagePath(ImagePath):
                 f"n_batch >= {n}"
             )
         (embeds,) = graphs.embed.run(None, {"input_ids": np.array([prompt.token_ids], np.int64)})  # (1, S, H)
-        self.family.chunk_inputs(graphs.vision, prompt, embeds, ())  # adds the features at <im_patch>
+        # adds the features at <im_patch>; the chunk alone, nothing cached before it
+        self.family.chunk_inputs(graphs.vision, prompt, embeds, (), len(prompt.token_ids))
         block = np.ascontiguousarray(embeds[0, start:end], np.float32)  # (n, H)
         batch = llama_cpp.llama_batch_init(n, block.shape[1], 1)
         try:

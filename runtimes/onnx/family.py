@@ -47,11 +47,13 @@ class OnnxRuntimeFamily(Registered, ABC):
         prompt: TokenizedPrompt,
         embeds: np.ndarray,
         history: Sequence[int],
+        keys: int,
     ) -> dict[str, np.ndarray]:
         """Decoder inputs of one prefill chunk besides inputs_embeds, attention_mask and the KV.
 
         Runs the chunk's images through the vision graph; `prompt_inputs` writes their features into
-        `embeds` (1, S, H) in place. `history` holds the token ids already in the KV, for masks that look back.
+        `embeds` (1, S, H) in place. `history` holds the token ids already in the KV, for masks that look
+        back; `keys` is how many keys the chunk attends over (history, the chunk and any unwritten room).
         """
         outputs = None
         if prompt.images:
@@ -61,18 +63,23 @@ class OnnxRuntimeFamily(Registered, ABC):
                 raise RuntimeInputError(
                     f"the prompt has {slots} image tokens but its images give {features} embeddings"
                 )
-        return self.prompt_inputs(prompt, embeds, outputs, history)
+        return self.prompt_inputs(prompt, embeds, outputs, history, keys)
 
     @abstractmethod
     def prompt_inputs(
-        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
+        self,
+        prompt: TokenizedPrompt,
+        embeds: np.ndarray,
+        images: tuple | None,
+        history: Sequence[int],
+        keys: int,
     ) -> dict[str, np.ndarray]:
         """chunk_inputs' family part: the extra decoder inputs of `prompt`, with the vision outputs of its
         images (None without images, else as many feature rows as image tokens) written into `embeds`."""
 
     @abstractmethod
-    def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
-        """The same extra inputs for one decoding step of n sequences `length` tokens long so far."""
+    def step_inputs(self, n: int, keys: int, next_position: int) -> dict[str, np.ndarray]:
+        """The same extra inputs for one decoding step of n sequences attending over `keys` keys."""
 
 
 def onnx_family_for(manifest: Manifest, tokenizer: Tokenizer, dtype: type[np.floating]) -> OnnxRuntimeFamily:

@@ -47,17 +47,24 @@ class Molmo2OnnxFamily(OnnxRuntimeFamily):
         return (features,)
 
     def prompt_inputs(
-        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
+        self,
+        prompt: TokenizedPrompt,
+        embeds: np.ndarray,
+        images: tuple | None,
+        history: Sequence[int],
+        keys: int,
     ) -> dict[str, np.ndarray]:
         if images:
             (features,) = images
             embeds[0, prompt.image_mask] += features  # ADDED to the <im_patch> embeddings
-        types = image_layout.token_types([*history, *prompt.token_ids], self.vocab)  # (past + S,)
-        return {"position_ids": prompt.positions, "token_types": types[None]}  # (1, S), (1, past + S)
+        types = np.zeros(keys, np.int64)  # slots not written yet are no image tokens
+        written = image_layout.token_types([*history, *prompt.token_ids], self.vocab)  # (past + S,)
+        types[: len(written)] = written
+        return {"position_ids": prompt.positions, "token_types": types[None]}  # (1, S), (1, keys)
 
-    def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
+    def step_inputs(self, n: int, keys: int, next_position: int) -> dict[str, np.ndarray]:
         # a decoding step's query is text: the image block cannot apply, so the types may all be 0
         return {
             "position_ids": np.full((n, 1), next_position, np.int64),
-            "token_types": np.zeros((n, length + 1), np.int64),
+            "token_types": np.zeros((n, keys), np.int64),
         }

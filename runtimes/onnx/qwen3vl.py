@@ -60,7 +60,12 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
         return embeds, deepstack
 
     def prompt_inputs(
-        self, prompt: TokenizedPrompt, embeds: np.ndarray, images: tuple | None, history: Sequence[int]
+        self,
+        prompt: TokenizedPrompt,
+        embeds: np.ndarray,
+        images: tuple | None,
+        history: Sequence[int],
+        keys: int,
     ) -> dict[str, np.ndarray]:
         deepstack = np.zeros((self.n_deep, *embeds.shape), self.dtype)  # (n_deep, 1, S, H): zeros off images
         if images:
@@ -69,7 +74,7 @@ class Qwen3VLOnnxFamily(OnnxRuntimeFamily):
             deepstack[:, 0, prompt.image_mask] = image_deepstack
         return {"position_ids": prompt.positions[:, None, :], "deepstack_embeds": deepstack}  # (3, 1, S)
 
-    def step_inputs(self, n: int, length: int, next_position: int) -> dict[str, np.ndarray]:
+    def step_inputs(self, n: int, keys: int, next_position: int) -> dict[str, np.ndarray]:
         positions = np.broadcast_to(mrope.decode_positions(next_position, 1)[:, None, :], (3, n, 1))
         hidden = int(self.sizes["hidden_size"])
         return {

@@ -4,7 +4,8 @@ No torch or transformers anywhere in its import chain, so a device installs `spa
 It follows the reference runtime step for step: prompts are tokenized and positioned host-side, images go
 through the vision graph and their features are merged into the prompt's embeddings, a prefix is prefilled
 once, and `generate` runs the suffix once, forks the KV into n sequences and decodes them as one batch,
-all n attending to one copy of the prompt's KV (runtimes/onnx/session.py).
+all n attending to one copy of the prompt's KV and writing their own into buffers in place
+(runtimes/onnx/session.py).
 What differs between architectures (tokens and positions, the vision graph's inputs, the decoder's extra
 inputs) sits in an `OnnxRuntimeFamily` (runtimes/onnx/family.py) picked by the manifest's architecture.
 """
@@ -25,7 +26,7 @@ from runtimes.bundle import read_manifest, verify
 from runtimes.decoding import decode
 from runtimes.mrope import TokenizedPrompt
 from runtimes.onnx.family import onnx_family_for
-from runtimes.onnx.session import DecoderSession, Past, open_session, pick_providers
+from runtimes.onnx.session import KV, DecoderSession, open_session, pick_providers
 from runtimes.protocol import Generation, ImageInput, ModelInfo, Prefix, RuntimeInputError, Sampling, Segment
 
 ROLES = ("vision", "embed", "decoder")
@@ -94,37 +95,31 @@ class OnnxRuntime:
         return self.family.vision(graphs.vision, images)
 
     def _forward(
-        self,
-        graphs: _Graphs,
-        prompt: TokenizedPrompt,
-        past: Past,
-        past_tokens: int,
-        history: Sequence[int] = (),
-    ) -> tuple[np.ndarray, Past]:
-        """Run prompt tokens on top of `past` (past_tokens long, `history` their ids where the family's mask
-        looks back); returns last-token logits (vocab,) and the new KV."""
+        self, graphs: _Graphs, prompt: TokenizedPrompt, kv: KV, history: Sequence[int] = ()
+    ) -> tuple[np.ndarray, KV]:
+        """Run prompt tokens on top of `kv` (`history`: the ids of the tokens already in it, where the
+        family's mask looks back); returns last-token logits (vocab,) and the KV after them."""
         length = len(prompt.token_ids)
-        if past_tokens + length > self.info.max_context:
+        cached = kv.shared_length + kv.length
+        if cached + length > self.info.max_context:
             raise RuntimeInputError(
-                f"the prompt needs {past_tokens + length} tokens; the model takes {self.info.max_context}"
+                f"the prompt needs {cached + length} tokens; the model takes {self.info.max_context}"
             )
         ids = np.array([prompt.token_ids], dtype=np.int64)  # (1, S)
         (embeds,) = graphs.embed.run(None, {"input_ids": ids})  # (1, S, H)
-        extra = self.family.chunk_inputs(graphs.vision, prompt, embeds, history)  # fills in the images
-        inputs = {
-            "inputs_embeds": embeds,
-            "attention_mask": np.ones((1, past_tokens + length), np.int64),
-            **extra,
-        }
-        logits, present = graphs.decoder(inputs, past)
-        return logits[0], present
+        keys = graphs.decoder.keys(kv, length)
+        extra = self.family.chunk_inputs(graphs.vision, prompt, embeds, history, keys)  # fills in the images
+        logits, kv = graphs.decoder({"inputs_embeds": embeds, **extra}, kv)
+        return logits[0], kv
 
     def prefill(self, segments: Sequence[Segment], variant: str = "base") -> Prefix:
         graphs = self.graphs(variant)  # refuse an unknown variant or a changed file before any work
         prompt = self._tokenize(segments, 0)
         past, logits = graphs.decoder.empty(1), None
         if prompt.token_ids:
-            logits, past = self._forward(graphs, prompt, past, 0)
+            kv = graphs.decoder.start(None, 0, room=len(prompt.token_ids))
+            logits, kv = self._forward(graphs, prompt, kv)
+            past = kv.own  # batch 1, exactly the prompt's tokens
         return prompt.prefix(variant, (past, logits))
 
     def generate(
@@ -132,26 +127,23 @@ class OnnxRuntime:
     ) -> list[Generation]:
         start = time.perf_counter()
         graphs = self.graphs(prefix.variant)
-        past, logits = prefix.state  # never written to: onnxruntime returns new present arrays
+        past, logits = prefix.state  # never written to: the prompt's KV, shared by all n rollouts
         prompt = self._tokenize(suffix, prefix.next_position)
+        # room for the suffix and every sampled token but the last, which is never fed back
+        room = len(prompt.token_ids) + max(sampling.max_new_tokens - 1, 0)
+        kv = graphs.decoder.start(past, prefix.n_tokens, room)
         if prompt.token_ids:
-            logits, past = self._forward(graphs, prompt, past, prefix.n_tokens, prefix.token_ids)
+            logits, kv = self._forward(graphs, prompt, kv, prefix.token_ids)
         if logits is None:
             raise RuntimeInputError("generate needs a non-empty prompt")
-        past, shared = graphs.decoder.fork(past, n)  # shared: the prompt's KV, one copy for all n
-        length = prefix.n_tokens + len(prompt.token_ids)
+        kv = graphs.decoder.fork(kv, n)
         next_position = prompt.next_position
 
         def step(tokens: np.ndarray) -> np.ndarray:
-            nonlocal past, length, next_position
+            nonlocal kv, next_position
             (embeds,) = graphs.embed.run(None, {"input_ids": tokens.astype(np.int64)[:, None]})  # (n, 1, H)
-            inputs = {
-                "inputs_embeds": embeds,
-                "attention_mask": np.ones((n, length + 1), np.int64),
-                **self.family.step_inputs(n, length, next_position),
-            }
-            step_logits, past = graphs.decoder(inputs, past, shared)
-            length += 1
+            extra = self.family.step_inputs(n, graphs.decoder.keys(kv, 1), next_position)
+            step_logits, kv = graphs.decoder({"inputs_embeds": embeds, **extra}, kv)
             next_position += 1
             return step_logits  # (n, vocab)
 

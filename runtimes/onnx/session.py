@@ -1,26 +1,30 @@
 """onnxruntime sessions for a bundle: execution-provider choice and the decoder's KV handling per device.
 
-On CPU the past/present KV tensors are numpy arrays. On CUDA the decoder runs with IO binding: the present
-KV stays on the GPU as OrtValues and is bound as the next step's past, so a decode step copies only the new
-token's embedding in and one row of logits out.
+The decoder graph (export/onnx/base.py) takes a shared prefix KV (batch 1) besides each sequence's own KV,
+so the n rollouts of a prompt all read its KV in place, one copy, on the host or on the GPU.
 
-Forking a prompt into n sequences copies nothing: the decoder graph takes a shared prefix KV (batch 1)
-besides each sequence's own past (export/onnx/base.py), so the prompt's KV becomes the prefix of all n
-rollouts and their own past starts empty. A decode step then grows only the rollouts' own KV (at most
-max_new_tokens long); the prompt's KV is read in place on every step, on the host or on the GPU. Bundles
-exported before the decoder had a prefix input fork by repeating the KV n times, as they always did.
+Their own KV is a buffer allocated once per `generate` with room for the suffix and every new token. The
+graph writes each chunk's K/V into it at `cache_position`, and the runtime binds the buffer as both the
+past input and the present output (IO binding), so onnxruntime writes just the new token's rows into it
+in place: a decode step copies no KV, only the token's embedding in and a row of logits out. On CPU the
+buffers are numpy arrays the binding wraps; on CUDA they are OrtValues on the GPU, where the KV stays.
+
+Older bundles still run (`KV layouts`): a decoder without `cache_position` returns present = past + chunk,
+a new array each step, which becomes the next step's past; one without a prefix input forks by repeating
+the prompt's KV n times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from runtimes.bundle import PREFIX_KV
+from runtimes.bundle import CACHE_POSITION, PREFIX_KV
 from runtimes.protocol import RuntimeInputError
 
 CUDA = "CUDAExecutionProvider"
@@ -51,11 +55,28 @@ def open_session(path: Path, providers: Sequence[str]) -> ort.InferenceSession:
         ) from None
 
 
-Past = list[Any]  # per layer key, value: np.ndarray (CPU) or OrtValue on the GPU (CUDA)
+Past = list[Any]  # per layer key, value: np.ndarray (host) or OrtValue (bound device, e.g. the GPU)
+
+
+@dataclass(frozen=True)
+class KV:
+    """The KV cache of a batch of B sequences: the prompt's KV they share, and their own.
+
+    shared: per layer key, value (1, kv_heads, shared_length, head_dim): read by every row, never written;
+        None when nothing is shared.
+    own: per layer (B, kv_heads, size, head_dim). With a buffer decoder its `size` slots are allocated
+        once and `length` of them are written; with an older decoder it is exactly `length` long.
+    """
+
+    shared: Past | None
+    shared_length: int
+    own: Past
+    length: int
+    size: int
 
 
 class DecoderSession:
-    """The decoder graph: host inputs + past KV in, last-position logits (float32 numpy) + present KV out."""
+    """The decoder graph: host inputs + KV in, last-position logits (float32 numpy) + the KV after the chunk out."""
 
     def __init__(
         self,
@@ -67,36 +88,63 @@ class DecoderSession:
         self.session = session
         self.kv_heads, self.head_dim = kv_shape
         self.dtype = dtype
-        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.prefix_names = [i.name for i in session.get_inputs() if i.name.startswith(f"{PREFIX_KV}.")]
+        inputs = [i.name for i in session.get_inputs()]
+        self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
+        self.prefix_names = [name for name in inputs if name.startswith(f"{PREFIX_KV}.")]
         self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
-        # IO binding when the graph runs on the GPU (KV stays there); on CPU plain numpy in/out is as fast.
-        # bind_device="cpu" forces the binding path on CPU, so tests without a GPU exercise it too.
+        self.in_place = CACHE_POSITION in inputs  # the own KV is a buffer the graph writes into
+        # The KV lives where the graph runs: on the GPU with IO binding; on the host as numpy arrays.
+        # bind_device="cpu" forces OrtValues on CPU, so tests without a GPU exercise the device path too.
         self.bind_device = bind_device or ("cuda" if session.get_providers()[0] == CUDA else None)
 
     def empty(self, batch: int) -> Past:
-        """Past KV of length 0, for a prompt's first forward."""
+        """KV of length 0, for a prompt that has none."""
         zeros = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype)  # (B, n_kv_heads, 0, head_dim)
         return [zeros] * len(self.past_names)
 
-    def __call__(
-        self, inputs: dict[str, np.ndarray], past: Past, prefix: Past | None = None
-    ) -> tuple[np.ndarray, Past]:
-        """Run the graph on the sequences' own `past` and the shared `prefix` (batch 1; None: empty)."""
-        kv = dict(zip(self.past_names, past))
-        if self.prefix_names:
-            kv |= dict(zip(self.prefix_names, prefix if prefix is not None else self.empty(1)))
+    def start(self, prompt: Past | None, prompt_length: int, room: int) -> KV:
+        """One sequence continuing a prompt's KV (None: none), with room for `room` more tokens.
+
+        The prompt's KV is never written: a buffer decoder reads it as the shared prefix and writes the new
+        tokens into a fresh buffer of `room` slots; an older one appends to it, into new arrays.
+        """
+        if self.in_place:
+            return KV(prompt, prompt_length, self._buffer(1, room), 0, room)
+        return KV(None, 0, prompt if prompt is not None else self.empty(1), prompt_length, prompt_length)
+
+    def keys(self, kv: KV, chunk: int) -> int:
+        """How many keys a chunk of `chunk` tokens attends over: the length of its attention mask."""
+        return kv.shared_length + (kv.size if self.in_place else kv.length + chunk)
+
+    def __call__(self, inputs: dict[str, np.ndarray], kv: KV) -> tuple[np.ndarray, KV]:
+        """Run one chunk (inputs_embeds (B, S, H) and the family's inputs) on `kv` -> logits, the KV after it."""
+        batch, chunk = inputs["inputs_embeds"].shape[:2]
+        inputs = {**inputs, "attention_mask": np.ones((batch, self.keys(kv, chunk)), np.int64)}
+        shared = kv.shared if kv.shared is not None else self.empty(1)
+        shared = dict(zip(self.prefix_names, shared))
+        if not self.in_place:
+            logits, present = self._run(inputs, dict(zip(self.past_names, kv.own)) | shared)
+            return logits, replace(kv, own=present, length=kv.length + chunk, size=kv.length + chunk)
+        if kv.length + chunk > kv.size:
+            raise ValueError(f"the KV buffer holds {kv.size} tokens; {kv.length} + {chunk} do not fit")
+        binding = self.session.io_binding()
+        self._bind_inputs(binding, {**inputs, CACHE_POSITION: np.array([kv.length], np.int64), **shared})
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+        for past, present, buffer in zip(self.past_names, self.present_names, kv.own):
+            value = buffer if isinstance(buffer, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits.astype(np.float32, copy=False), replace(kv, length=kv.length + chunk)
+
+    def _run(self, inputs: dict[str, np.ndarray], kv: dict[str, Any]) -> tuple[np.ndarray, Past]:
+        """A decoder without `cache_position`: present = past + chunk, new arrays (on the bound device)."""
         if self.bind_device is None:
             outputs = self.session.run(None, {**inputs, **kv})
             return outputs[0].astype(np.float32, copy=False), outputs[1:]
         binding = self.session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))  # binding reads the raw buffer
-        for name, value in kv.items():
-            if isinstance(value, np.ndarray):  # an empty past starts on the host
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
+        self._bind_inputs(binding, {**inputs, **kv})
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.bind_device)
@@ -104,19 +152,37 @@ class DecoderSession:
         outputs = binding.get_outputs()
         return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
-    def fork(self, past: Past, n: int) -> tuple[Past, Past | None]:
-        """n sequences continuing a batch-1 KV: (their own past, the shared prefix to pass every step).
+    @staticmethod
+    def _bind_inputs(binding: ort.IOBinding, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if isinstance(value, np.ndarray):  # host inputs, and a KV that starts on the host
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # binding reads the raw buffer
+            else:
+                binding.bind_ortvalue_input(name, value)
 
-        With a prefix input the KV itself becomes the prefix, by reference, and the own past is empty; an
-        older graph gets the KV repeated n times as its past and no prefix. The input KV is never written.
-        """
-        if self.prefix_names:
-            return self.empty(n), list(past)
-        if n == 1:
-            return list(past), None
+    def _buffer(self, batch: int, size: int) -> Past:
+        """Zeroed own-KV buffers, one per layer key and value: the unwritten slots are masked, and zeros
+        keep them finite (a masked score still meets its value in the weighted sum)."""
+        shape = (batch, self.kv_heads, size, self.head_dim)
+        return [self._place(np.zeros(shape, self.dtype)) for _ in self.past_names]
+
+    def _place(self, array: np.ndarray) -> Any:
+        """A host array where the KV lives: itself, or an OrtValue on the bound device."""
         if self.bind_device is None:
-            return [np.repeat(value, n, axis=0) for value in past], None
-        host = (value if isinstance(value, np.ndarray) else value.numpy() for value in past)
-        return [
-            ort.OrtValue.ortvalue_from_numpy(np.repeat(v, n, axis=0), self.bind_device, 0) for v in host
-        ], None
+            return array
+        return ort.OrtValue.ortvalue_from_numpy(array, self.bind_device, 0)
+
+    def fork(self, kv: KV, n: int) -> KV:
+        """n sequences continuing a batch-1 KV; the input KV is never written.
+
+        A buffer decoder's rows each get a copy of the one sequence's buffer (its suffix and room), once
+        per generate call, while the prompt's KV stays shared. An older decoder with a prefix input takes
+        the whole KV as the shared prefix, by reference, and starts the rows' own past empty; one without
+        gets the KV repeated n times.
+        """
+        if not self.in_place and self.prefix_names:
+            return KV(kv.own, kv.length, self.empty(n), 0, 0)
+        if n == 1:
+            return kv
+        host = (value if isinstance(value, np.ndarray) else value.numpy() for value in kv.own)
+        return replace(kv, own=[self._place(np.repeat(value, n, axis=0)) for value in host])

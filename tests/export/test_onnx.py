@@ -68,8 +68,14 @@ def test_graph_io_names(tiny_qwen3vl_onnx: Path) -> None:
         str(tiny_qwen3vl_onnx / "base/decoder.onnx"), providers=["CPUExecutionProvider"]
     )
     inputs = [i.name for i in decoder.get_inputs()]
-    assert inputs[:4] == ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds"]
-    assert inputs[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert inputs[:5] == [
+        "inputs_embeds",
+        "position_ids",
+        "attention_mask",
+        "deepstack_embeds",
+        "cache_position",
+    ]
+    assert inputs[5:7] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert [o.name for o in decoder.get_outputs()][:2] == ["logits", "present.0.key"]
     # the shared prefix: batch fixed to 1 (one copy for every sequence), its length free
     prefix = [i for i in decoder.get_inputs() if i.name.startswith("prefix_key_values.")]
@@ -93,27 +99,41 @@ def test_the_decoder_needs_no_contrib_ops(tiny_qwen3vl_onnx: Path) -> None:
     assert lower_contrib_attention(graph, "fp32") == 0
 
 
-@pytest.mark.parametrize(("batch", "length", "prefix", "own"), [(1, 5, 0, 5), (3, 1, 7, 2), (2, 4, 6, 4)])
-def test_shared_prefix_attention_is_eager_attention_over_the_repeated_prefix(batch, length, prefix, own):
-    """One batch-1 prefix + each row's own KV gives what transformers' eager attention gives on the prefix
-    repeated per row and concatenated before the own KV (grouped heads, a causal mask)."""
+@pytest.mark.parametrize(
+    ("batch", "length", "prefix", "written", "own"),
+    [(1, 5, 0, 0, 5), (3, 1, 7, 1, 2), (2, 4, 6, 0, 4), (2, 1, 3, 1, 6)],  # the last: a tail after the chunk
+)
+def test_shared_prefix_attention_is_eager_attention_over_the_repeated_prefix(
+    batch, length, prefix, written, own
+):
+    """One batch-1 prefix + each row's own KV buffer gives what transformers' eager attention gives on the
+    prefix repeated per row and concatenated before the own KV (grouped heads, a causal mask). The chunk
+    goes into the buffer after `written` slots; the slots after it are the unwritten tail, which no query
+    may see."""
+    from types import SimpleNamespace
+
     from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
 
-    from export.onnx.base import TextDecoder, attention_bias, shared_prefix_attention
+    from export.onnx.base import FlatCache, TextDecoder, attention_bias, shared_prefix_attention
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim = 4, 2, 8
     module = torch.nn.Module()
     module.layer_idx, module.num_key_value_groups, module.training = 1, heads // kv_heads, False
+    module.config, module.head_dim = SimpleNamespace(num_key_value_heads=kv_heads), head_dim
     query = torch.randn(batch, heads, length, head_dim, generator=generator)
     key, value = (torch.randn(batch, kv_heads, own, head_dim, generator=generator) for _ in range(2))
     shared = [torch.randn(1, kv_heads, prefix, head_dim, generator=generator) for _ in range(4)]
-    allowed = TextDecoder.causal(length, prefix + own, query.device)[None, None].expand(batch, 1, -1, -1)
+    cache = FlatCache(
+        torch.zeros(batch, length, 1), torch.tensor([written]), (key, value, key, value, *shared)
+    )
+    allowed = TextDecoder.causal(cache, prefix + own)[None, None].expand(batch, 1, -1, -1)
     mask = attention_bias(allowed, query.dtype)
-    got, _ = shared_prefix_attention(module, query, key, value, mask, 0.3, shared_prefix=tuple(shared))
-    full_key = torch.cat([shared[2].expand(batch, -1, -1, -1), key], dim=2)
-    full_value = torch.cat([shared[3].expand(batch, -1, -1, -1), value], dim=2)
-    expected, _ = eager_attention_forward(module, query, full_key, full_value, mask, 0.3)
+    got, _ = shared_prefix_attention(module, query, key, value, mask, 0.3, flat_cache=cache)
+    visible = prefix + written + length  # keys before the tail
+    full_key = torch.cat([shared[2].expand(batch, -1, -1, -1), key], dim=2)[:, :, :visible]
+    full_value = torch.cat([shared[3].expand(batch, -1, -1, -1), value], dim=2)[:, :, :visible]
+    expected, _ = eager_attention_forward(module, query, full_key, full_value, mask[..., :visible], 0.3)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 

@@ -66,7 +66,8 @@ def test_vision_features_match_transformers(bundle, runtime):
 
 
 def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]:
-    """Prefill `prompt` in two chunks (split at token `split`, as prefix + suffix), then decode greedily."""
+    """Prefill `prompt` in two chunks (split at token `split`, as prefix + suffix), then decode greedily,
+    all into one own KV buffer with room for the prompt and the steps."""
     layers = runtime.family.config["text_config"]["num_hidden_layers"]
     text = runtime.family.config["text_config"]
     kv_heads, head_dim = text["num_key_value_heads"], text.get("head_dim")
@@ -76,25 +77,34 @@ def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]
         pixels, pooling, _ = image_layout.stack_images(prompt.images)
         (features,) = graphs["vision"].run(None, {"pixel_values": pixels, "image_token_pooling": pooling})
         embeds[0, prompt.image_mask] += features  # Molmo2 adds image features to the <im_patch> embeddings
-    types = image_layout.token_types(ids, runtime.family.vocab)[None]
-    past = [np.zeros((1, kv_heads, 0, head_dim), np.float32) for _ in range(2 * layers)]
+    types = image_layout.token_types(ids, runtime.family.vocab)
+    size = len(ids) + steps
+    past = [np.zeros((1, kv_heads, size, head_dim), np.float32) for _ in range(2 * layers)]
     # an empty shared prefix: the graph is then a plain KV decoder, which the runtime's forks must match
-    no_prefix = {f"prefix_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
+    no_prefix = {
+        f"prefix_key_values.{i // 2}.{('key', 'value')[i % 2]}": np.zeros(
+            (1, kv_heads, 0, head_dim), np.float32
+        )
+        for i in range(2 * layers)
+    }
 
-    def run(embeds_chunk, start, types_total):
+    def run(embeds_chunk, start):
         length = embeds_chunk.shape[1]
+        written = np.zeros((1, size), np.int64)  # slots not written yet are no image tokens
+        written[0, : min(start + length, len(types))] = types[: start + length]
         feeds = {
             "inputs_embeds": embeds_chunk,
             "position_ids": np.arange(start, start + length, dtype=np.int64)[None],
-            "attention_mask": np.ones((1, start + length), np.int64),
-            "token_types": types_total,
+            "attention_mask": np.ones((1, size), np.int64),
+            "token_types": written,
+            "cache_position": np.array([start], np.int64),
         }
         feeds |= {f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
         logits, *present = graphs["decoder"].run(None, feeds | no_prefix)
         return logits[0], present
 
-    _, past = run(embeds[:, :split], 0, types[:, :split])
-    logits, past = run(embeds[:, split:], split, types)
+    _, past = run(embeds[:, :split], 0)
+    logits, past = run(embeds[:, split:], split)
     tokens, length = [], len(ids)
     for _ in range(steps):
         token = int(np.argmax(logits))
@@ -102,7 +112,7 @@ def _decode_greedy(graphs, runtime, prompt, steps: int, split: int) -> list[int]
         if token in runtime.eos_ids:
             break
         (step_embeds,) = graphs["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})
-        logits, past = run(step_embeds, length, np.zeros((1, length + 1), np.int64))
+        logits, past = run(step_embeds, length)
         length += 1
     return tokens
 

@@ -142,7 +142,9 @@ def test_profiles_follow_the_real_exported_graphs(tiny_qwen3vl_onnx: Path, tmp_p
     past = [name for name in decode.shapes if name.startswith("past_key_values.")]
     assert len(past) == 2 * sizes["num_layers"]
     kv = (sizes["num_key_value_heads"], sizes["head_dim"])
-    assert decode.shapes[past[0]][2] == (4, kv[0], 255, kv[1])  # (batch, kv heads, own past, head_dim)
+    # (batch, kv heads, own buffer, head_dim): the exported decoder writes in place, the buffer holding
+    # a whole prompt as the suffix and the 256 new tokens at most
+    assert decode.shapes[past[0]][2] == (4, kv[0], 1546 + 255, kv[1])
     prefix = [name for name in decode.shapes if name.startswith("prefix_key_values.")]
     assert len(prefix) == 2 * sizes["num_layers"]
     assert decode.shapes[prefix[0]][2] == (1, kv[0], 1546, kv[1])  # one copy of the prompt for the batch

@@ -173,6 +173,31 @@ def test_every_profile_point_is_runnable() -> None:
                 assert low <= opt <= high
 
 
+def test_every_in_place_profile_point_is_runnable() -> None:
+    """A decoder writing its past buffer in place: total = prefix + past, and the buffer holds the chunk."""
+    for spec in (DEMO, WBF8):
+        plan = plan_profiles(workload_from_spec(spec), QWEN)
+        for axes in (plan.in_place_prefill.axes, plan.in_place_decode.axes):
+            for k in range(3):
+                assert axes["total"][k] == axes["prefix"][k] + axes["past"][k]
+                assert axes["past"][k] >= axes["sequence"][k]
+            for low, opt, high in axes.values():
+                assert low <= opt <= high
+
+
+def test_in_place_decoder_shapes() -> None:
+    """With cache_position, a suffix reads the cached prompt as the prefix and the buffer holds the
+    suffix and the new tokens; the graphs without it keep their profiles."""
+    plan = plan_profiles(workload_from_spec(WBF8), QWEN)
+    prefill, decode = graph_profiles({**DECODER, "cache_position": (1,)}, plan)
+    assert (prefill.name, decode.name) == ("prefill", "decode") and "cache_position" not in decode.shapes
+    assert prefill.shapes["prefix_key_values.0.key"] == ((1, 2, 0, 32), (1, 2, 0, 32), (1, 2, 1545, 32))
+    assert prefill.shapes["past_key_values.0.key"] == ((1, 2, 1, 32), (1, 2, 514, 32), (1, 2, 1801, 32))
+    assert decode.shapes["past_key_values.0.value"] == ((1, 2, 1, 32), (8, 2, 256, 32), (8, 2, 1801, 32))
+    assert decode.shapes["attention_mask"] == ((1, 2), (8, 770), (8, 3347))
+    assert graph_profiles(DECODER, plan)[1].shapes["past_key_values.0.value"][2] == (8, 2, 255, 32)
+
+
 def test_graph_shapes_for_the_exported_input_names() -> None:
     plan = plan_profiles(workload_from_spec(WBF8), QWEN)
     (vision,) = graph_profiles(VISION, plan)

@@ -186,7 +186,8 @@ def _torch_ref_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.
 def _onnx_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:
     prompt = runtime._tokenize(suffix, prefix.next_position)
     graphs = runtime.graphs(prefix.variant)
-    return runtime._forward(graphs, prompt, prefix.state[0], prefix.n_tokens, prefix.token_ids)[0]
+    kv = graphs.decoder.start(prefix.state[0], prefix.n_tokens, room=len(prompt.token_ids))
+    return runtime._forward(graphs, prompt, kv, prefix.token_ids)[0]
 
 
 def _llamacpp_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:

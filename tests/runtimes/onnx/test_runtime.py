@@ -20,7 +20,7 @@ from engine.families import family_for  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.spec import validate  # noqa: E402
 from runtimes import open_runtime  # noqa: E402
-from runtimes.bundle import read_manifest, write_manifest  # noqa: E402
+from runtimes.bundle import read_manifest, sha256_file, write_manifest  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.onnx.session import DecoderSession  # noqa: E402
 from runtimes.protocol import RuntimeInputError, Sampling, Text  # noqa: E402
@@ -69,46 +69,135 @@ def test_generate_leaves_the_prefix_kv_as_it_was(bundle) -> None:
 
 
 class RecordingDecoder:
-    """A DecoderSession that keeps every call's own past, shared prefix and returned present KV."""
+    """A DecoderSession that keeps every call's KV before and after, and checks a buffer decoder's writes:
+    before a call the slots from `length` on are still zero, after it the chunk's first slot is written."""
 
     def __init__(self, inner: DecoderSession) -> None:
         self.inner, self.calls = inner, []
 
-    def __call__(self, inputs, past, prefix=None):
-        logits, present = self.inner(inputs, past, prefix)
-        self.calls.append((list(past), prefix, present))
-        return logits, present
+    def __call__(self, inputs, kv):
+        own = [as_array(value) for value in kv.own]
+        if self.inner.in_place:
+            assert all(not value[:, :, kv.length :].any() for value in own)
+        logits, after = self.inner(inputs, kv)
+        if self.inner.in_place:
+            assert all(value[:, :, kv.length].any() for value in own)
+        self.calls.append((kv, after))
+        return logits, after
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
+def as_array(value) -> np.ndarray:
+    """A KV tensor's data: the array itself, or a CPU OrtValue's buffer (a view, no copy)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def bound_to(runtime: OnnxRuntime, device: str) -> OnnxRuntime:
+    """The runtime with its base decoder on the IO-binding (device) path, here on CPU."""
+    plain = runtime.graphs("base").decoder
+    runtime.graphs("base").decoder = DecoderSession(
+        plain.session, (plain.kv_heads, plain.head_dim), plain.dtype, device
+    )
+    return runtime
+
+
+@pytest.mark.parametrize("bind_device", [None, "cpu"])
 @pytest.mark.parametrize("n", [1, 8])
-def test_rollouts_read_one_copy_of_the_prompt_kv(bundle, n) -> None:
-    """The fork copies no KV: every decoding step of the n rollouts gets the suffix's present KV itself
-    (batch 1, the prompt's length) as the shared prefix, and their own past holds only the new tokens, so
-    the prompt's KV held does not grow with n."""
+def test_decode_steps_copy_no_kv(bundle, n, bind_device) -> None:
+    """The prompt's KV is read in place by every step of the n rollouts (the prefix's own arrays, batch 1,
+    one copy whatever n); their own KV is one buffer per layer, allocated once with room for the suffix
+    and every new token, the same objects on every step, written in place a slot a step, never grown."""
     path, resolution = bundle
     runtime = OnnxRuntime(path, device="cpu")
+    if bind_device:
+        bound_to(runtime, bind_device)
     family = family_of(runtime)
     prefix = runtime.prefill(
         family.image_prefix(family.prepare_image(picture(96, 64), resolution, "share")), "base"
     )
     recording = RecordingDecoder(runtime.graphs("base").decoder)
     runtime.graphs("base").decoder = recording
-    suffix = family.question_suffix("find the dog")
-    seeds = tuple(range(n))
+    new_tokens = 6
     (first, *_) = runtime.generate(
-        prefix, suffix, n, Sampling(6, temperature=0.7, seeds=seeds, ignore_eos=True)
+        prefix,
+        family.question_suffix("find the dog"),
+        n,
+        Sampling(new_tokens, temperature=0.7, seeds=tuple(range(n)), ignore_eos=True),
     )
-    (_, _, prompt_kv), *steps = recording.calls  # the suffix's forward, then the decoding steps
-    prompt_tokens = prefix.n_tokens + first.prompt_tokens
-    assert len(steps) == 5 and all(value.shape[:3:2] == (1, prompt_tokens) for value in prompt_kv)
-    for step, (own, shared, _) in enumerate(steps):
-        assert all(a is b for a, b in zip(shared, prompt_kv, strict=True))  # the same arrays, not copies
-        assert all(value.shape[:3:2] == (n, step) for value in own)  # (n, kv heads, own tokens, head_dim)
-    held = sum(value.nbytes for value in steps[-1][1])
-    assert held == sum(value.nbytes for value in prompt_kv)  # one copy whatever n
+    (suffix_in, suffix_out), *steps = recording.calls  # the suffix's forward, then the decoding steps
+    size = first.prompt_tokens + new_tokens - 1
+    assert suffix_in.shared is prefix.state[0] and suffix_out.length == first.prompt_tokens
+    assert len(steps) == new_tokens - 1
+    buffers = steps[0][0].own
+    for step, (before, after) in enumerate(steps):
+        assert before.shared is prefix.state[0]  # the prefix's arrays, not copies
+        assert all(a is b for a, b in zip(before.own, buffers, strict=True)) and after.own is before.own
+        assert (before.length, after.length, before.size) == (
+            first.prompt_tokens + step,
+            before.length + 1,
+            size,
+        )
+        assert all(as_array(value).shape[:3:2] == (n, size) for value in before.own)
+        assert all(isinstance(value, np.ndarray) != bool(bind_device) for value in before.own)
+    if n == 1:  # one sequence decodes in the suffix's buffer itself
+        assert all(a is b for a, b in zip(suffix_in.own, buffers, strict=True))
+
+
+@pytest.fixture(params=BUNDLES, ids=lambda b: b[0])
+def concat_bundle(request, tmp_path_factory) -> tuple[Path, Path, int]:
+    """The bundle as it was exported before `cache_position`: a decoder whose present is past + chunk.
+
+    Rewritten from the buffer graph: each ScatterND becomes a Concat along the sequence, and the chunk's
+    slot (what cache_position gave) becomes the past's length, which is what the older graph's causal mask
+    counted from. (fixture, bundle, its copy, resolution)"""
+    import onnx
+    from onnx import helper
+
+    fixture, resolution = request.param
+    path = request.getfixturevalue(fixture)
+    copy = tmp_path_factory.mktemp("concat") / "bundle"
+    shutil.copytree(path, copy)
+    graph_file = copy / "base/decoder.onnx"
+    model = onnx.load(str(graph_file))
+    graph = model.graph
+    graph.input.remove(next(i for i in graph.input if i.name == "cache_position"))
+    nodes = [
+        helper.make_node("Shape", ["past_key_values.0.key"], ["old/shape"], start=2, end=3),
+        helper.make_node("Identity", ["old/shape"], ["cache_position"]),
+    ]
+    for node in graph.node:
+        if node.op_type == "ScatterND" and node.input[0].startswith("past_key_values."):  # not M-RoPE's
+            node = helper.make_node("Concat", [node.input[0], node.input[2]], list(node.output), axis=2)
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    onnx.save(model, str(graph_file))
+    manifest = read_manifest(copy)
+    files = {**manifest.files, "base/decoder.onnx": sha256_file(graph_file)}
+    write_manifest(copy, replace(manifest, files=files))
+    return path, copy, resolution
+
+
+def test_older_bundles_decode_the_same_tokens(concat_bundle) -> None:
+    """A decoder exported before the in-place KV (present = past + chunk) still runs, by its own
+    layout, and the buffer decoder gives what it gives: the same prompt logits, the same sampled and
+    greedy tokens."""
+    path, copy, resolution = concat_bundle
+    buffered, concat = OnnxRuntime(path, device="cpu"), OnnxRuntime(copy, device="cpu")
+    assert buffered.graphs("base").decoder.in_place and not concat.graphs("base").decoder.in_place
+    family = family_of(buffered)
+    prefix = family.image_prefix(family.prepare_image(picture(160, 96), resolution, "old"))
+    suffix = family.question_suffix("find the dog")
+    runs = {}
+    for name, runtime in (("buffered", buffered), ("concat", concat)):
+        state = runtime.prefill(prefix, "base")
+        sampled = runtime.generate(state, suffix, 3, Sampling(NEW_TOKENS, temperature=0.7, seeds=(1, 2, 3)))
+        greedy = runtime.generate(state, suffix, 1, Sampling(NEW_TOKENS))
+        runs[name] = (state.state[1], [g.token_ids for g in [*sampled, *greedy]])
+    np.testing.assert_allclose(runs["buffered"][0], runs["concat"][0], rtol=0, atol=1e-5)
+    assert runs["buffered"][1] == runs["concat"][1]
 
 
 def test_a_graph_without_a_prefix_input_forks_by_repeating() -> None:
@@ -125,19 +214,14 @@ def test_a_graph_without_a_prefix_input_forks_by_repeating() -> None:
             return ["CPUExecutionProvider"]
 
     decoder = DecoderSession(Session(), (2, 4), np.float32)
-    kv = [np.ones((1, 2, 3, 4), np.float32)]
-    past, shared = decoder.fork(kv, 3)
-    assert shared is None and past[0].shape == (3, 2, 3, 4)
+    kv = decoder.fork(decoder.start([np.ones((1, 2, 3, 4), np.float32)], 3, room=5), 3)
+    assert kv.shared is None and kv.own[0].shape == (3, 2, 3, 4) and kv.length == 3
 
 
 def test_io_binding_path_decodes_the_same_tokens(bundle) -> None:
     """The CUDA path's IO binding (KV kept as OrtValues between steps), run on CPU so it is tested here."""
     path, resolution = bundle
-    plain_runtime, bound = OnnxRuntime(path, device="cpu"), OnnxRuntime(path, device="cpu")
-    plain = bound.graphs("base").decoder
-    bound.graphs("base").decoder = DecoderSession(
-        plain.session, (plain.kv_heads, plain.head_dim), plain.dtype, "cpu"
-    )
+    plain_runtime, bound = OnnxRuntime(path, device="cpu"), bound_to(OnnxRuntime(path, device="cpu"), "cpu")
     family = family_of(bound)
     prefix = family.image_prefix(family.prepare_image(picture(160, 96), resolution, "bind"))
     suffix = family.question_suffix("find the dog")
