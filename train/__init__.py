@@ -57,6 +57,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the base model")
     parser.add_argument(
+        "--vision-steps",
+        type=int,
+        default=300,
+        help="steps of stage 0, the vision tower alone on dense token labels, before the whole model",
+    )
+    parser.add_argument(
         "--spec",
         type=Path,
         default=Path("specs/demo/sparc-wbf8.yaml"),

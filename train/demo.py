@@ -9,7 +9,8 @@ scenes of the synthetic benchmark (evals/synth.py) with the engine's own prompts
             (sometimes with a distractor's crop, sometimes missing the target) -> the answer
   view      the view alone at 256, 512 or full resolution (the baselines) -> the answer
 
-Then `train perception-lora` fits the perception variant on a synthetic training set. Scenes are drawn
+Before all that, the vision tower is trained alone on dense per-token labels (train/vision.py): from
+random weights its tokens hardly say what a small object is. Then `train perception-lora` fits the perception variant on a synthetic training set. Scenes are drawn
 from (seed, step), so the same seed gives the same checkpoint on the same machine.
 """
 
@@ -44,6 +45,7 @@ from train.examples import TrainingSequence, by_length, collate, encode, perceiv
 from train.heldout import Heldout, Probe, make_probe, probe_losses
 from train.loop import Curve, Schedule, fit, on_device
 from train.report import write_training_report
+from train.vision import DenseLabels, SeenImage, crop, view, vision_batch
 
 # About 4.4M parameters. The processor caps images at 1024x1024 px (1024 visual tokens), which makes
 # `resolution: full` the 1024-token baseline and keeps its vision attention affordable on a CPU.
@@ -128,6 +130,8 @@ STEP_SLOTS: tuple[tuple[Slot, Slot], ...] = (
 # A full-resolution view (up to 1024 tokens) costs as much as the rest of a step: one every few steps.
 FULL_VIEW = Slot("view", None)
 FULL_VIEW_EVERY = 4
+VISION_IMAGES = 16  # per stage-0 step: views at 256 and 512 px, and crops
+VISION_LR = 2e-3
 HELDOUT_PER_TASK = 16  # sequences per held-out probe (a quarter of that for the full-resolution view)
 MICRO_BATCH_TOKENS = 2600  # padded tokens per forward (see train.examples.by_length)
 # What training.json and training.png follow besides the loss (train/heldout.py): one probe per task.
@@ -173,6 +177,34 @@ class DemoData:
             sequences.append(self.sequence(FULL_VIEW, scene, image, rng))
         return sequences
 
+    def vision_step(self, step: int) -> list[SeenImage]:
+        # three words: never a decoder step's [seed, step] nor the probes' [seed, 0, 1]
+        return self.vision_images(np.random.default_rng([self.seed, step, 2]))
+
+    def vision_heldout(self) -> list[SeenImage]:
+        return self.vision_images(np.random.default_rng([self.seed, 0, 3]))
+
+    def vision_images(self, rng: np.random.Generator) -> list[SeenImage]:
+        """Stage 0's images: benchmark scenes, half as views, half as crops around one of their objects."""
+        images = []
+        for index in range(VISION_IMAGES // 2):
+            scene = self.benchmark_scene(rng, ("shape", "color")[index % 2])
+            picture = render(scene)
+            images.append(view(self.family, scene, picture, (256, 512)[index % 4 == 3]))
+            around = self.predicted(scene, int(rng.integers(len(scene.objects))), rng)
+            box = self.crop.plan([around], scene.width, scene.height)[0]  # one box plans one crop
+            images.append(crop(self.family, scene, picture, box, self.crop.resolution))
+        return images
+
+    def benchmark_scene(self, rng: np.random.Generator, kind: str) -> Scene:
+        return sample_scene(
+            rng,
+            *TRAIN_SIZES[rng.integers(len(TRAIN_SIZES))],
+            int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)),
+            object_size=OBJECT_SIZE,
+            kind=kind,
+        )
+
     def probes(self, per_task: int) -> list[Probe]:
         """Held-out sequences of the benchmark's scenes, from a random stream no training step draws."""
         rng = np.random.default_rng([self.seed, 0, 1])  # three words: never a step's [seed, step]
@@ -180,13 +212,7 @@ class DemoData:
         probes = []
         for slot in HELDOUT_SLOTS:
             scenes = [
-                sample_scene(
-                    rng,
-                    *TRAIN_SIZES[rng.integers(len(TRAIN_SIZES))],
-                    int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)),
-                    object_size=OBJECT_SIZE,
-                    kind=("shape", "color")[index % 2],
-                )
+                self.benchmark_scene(rng, ("shape", "color")[index % 2])
                 for index in range(per_task if slot.resolution else max(2, per_task // 4))
             ]
             sequences = [self.sequence(slot, scene, render(scene), rng) for scene in scenes]
@@ -276,10 +302,13 @@ def train_base(
     spec: Path,
     save_every: int,
     eval_every: int,
+    vision_steps: int,
     device: str = "cpu",
-) -> tuple[Curve, Heldout]:
-    """Build the checkpoint with random weights, train it, and save it in place (also every save_every
-    steps, so a killed run leaves its latest weights). The held-out probes run every eval_every steps."""
+) -> tuple[Curve, Curve, dict[str, float], Heldout]:
+    """Build the checkpoint with random weights, train its vision tower (stage 0), then the whole model,
+    and save it in place (also every save_every steps, so a killed run leaves its latest weights). The
+    held-out probes run every eval_every steps. Returns the two curves, the tower's held-out accuracy and
+    the probes."""
     build_tiny_qwen3vl(out, seed=seed, sizes=DEMO_SIZES)
     family, torch_family = open_checkpoint(out)
     data = DemoData(family, torch_family, load_spec(spec), seed, steps)
@@ -291,6 +320,7 @@ def train_base(
     with torch.no_grad():
         table.copy_(position_table(math.isqrt(table.shape[0]), table.shape[1]))
     model.to(device)
+    vision_curve, vision_accuracy = train_vision(model, data, vision_steps, device)
 
     def batch(group: list[TrainingSequence]) -> dict:
         return on_device(collate(torch_family, group), device)
@@ -317,7 +347,27 @@ def train_base(
     model.save_pretrained(out)
     # the builder's completion marker records the random weights' checksum: no longer these weights
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
-    return curve, heldout
+    return vision_curve, curve, vision_accuracy, heldout
+
+
+def train_vision(
+    model: torch.nn.Module, data: DemoData, steps: int, device: str
+) -> tuple[Curve, dict[str, float]]:
+    """Stage 0 (train/vision.py): the tower alone on dense token labels; its held-out accuracy after."""
+    merge_size = data.family.image_config.merge_size
+    dense = DenseLabels(model.model.visual, model.config.text_config.hidden_size).to(device)
+
+    def batches(step: int) -> list[dict]:
+        return [on_device(vision_batch(data.vision_step(step), merge_size), device)]
+
+    curve = fit(
+        dense,
+        batches,
+        Schedule(steps=steps, lr=VISION_LR, warmup=min(30, steps // 10 + 1)),
+        description="vision tower",
+    )
+    heldout = on_device(vision_batch(data.vision_heldout(), merge_size), device)
+    return curve, {name: round(value, 3) for name, value in dense.accuracy(heldout).items()}
 
 
 def train_demo_command(args: argparse.Namespace) -> str:
@@ -325,7 +375,7 @@ def train_demo_command(args: argparse.Namespace) -> str:
     out: Path = args.out
     start = time.perf_counter()
     device = pick_device(args.device)
-    base_curve, heldout = train_base(
+    vision_curve, base_curve, vision_accuracy, heldout = train_base(
         out,
         seed=args.seed,
         steps=args.steps,
@@ -333,6 +383,7 @@ def train_demo_command(args: argparse.Namespace) -> str:
         spec=args.spec,
         save_every=args.save_every,
         eval_every=args.eval_every,
+        vision_steps=args.vision_steps,
         device=device,
     )
     base_seconds = time.perf_counter() - start
@@ -347,11 +398,13 @@ def train_demo_command(args: argparse.Namespace) -> str:
             "slots": [[asdict(slot) for slot in pair] for pair in STEP_SLOTS],
             "base_seconds": round(base_seconds, 1),
             "lora_seconds": round(lora_seconds, 1),
+            "vision_loss": vision_curve.losses,
+            "vision_accuracy": vision_accuracy,
             "base_loss": base_curve.losses,
             "lora_loss": lora_curve.losses,
             "heldout": asdict(heldout),
         },
-        {"base model": base_curve, "perception LoRA": lora_curve},
+        {"vision tower (stage 0)": vision_curve, "base model": base_curve, "perception LoRA": lora_curve},
         heldout,
     )
     return (

@@ -26,7 +26,7 @@ def _sha256(path: Path) -> str:
 
 def _train(out: Path, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "engine.cli", "train", "demo", "--out", str(out), "--steps", "2",
-               "--lora-steps", "2", "--lora-rows", "4", "--threads", "1", *options]  # fmt: skip
+               "--vision-steps", "2", "--lora-steps", "2", "--lora-rows", "4", "--threads", "1", *options]  # fmt: skip
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -39,7 +39,9 @@ def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
         assert _sha256(tmp_path / "a" / name) == _sha256(tmp_path / "b" / name), name
     assert (tmp_path / "a" / "training.png").is_file()
     assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
-    heldout = json.loads((tmp_path / "a" / "training.json").read_text())["heldout"]
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert len(record["vision_loss"]) == 2 and set(record["vision_accuracy"]) == {"colour", "shape", "x", "y"}
+    heldout = record["heldout"]
     assert heldout["steps"] == [0, 2]  # the first step and the end
     assert set(heldout["losses"][0]) == set(heldout["chance"]) == {slot.name for slot in HELDOUT_SLOTS}
 

@@ -1,0 +1,64 @@
+"""train/vision.py: stage 0's dense token labels say what covers each token, and the tower learns them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText
+
+from evals.synth import COLORS, SHAPES, Scene, SynthObject, render
+from train.demo import VISION_IMAGES, DemoData
+from train.vision import NONE, DenseLabels, token_labels, view, vision_batch
+
+
+def _scene() -> Scene:
+    red_star = SynthObject("star", "red", (0, 0, 64, 64))  # the top-left token of a 256-px view, exactly
+    blue_cross = SynthObject("cross", "blue", (160, 96, 224, 160))  # half of two tokens across, one down
+    return Scene(
+        256, 256, "shape", (red_star, blue_cross), "What shape is the red object?", "star", "red object"
+    )
+
+
+def test_labels_name_the_object_covering_each_token(demo_data: DemoData) -> None:
+    scene = _scene()
+    seen = view(demo_data.family, scene, render(scene), 256)
+    labels = token_labels(seen, demo_data.family.image_config.merge_size).reshape(8, 8, 4)
+    colours, shapes = list(COLORS), list(SHAPES)
+    assert tuple(labels[0, 0, :2]) == (1 + colours.index("red"), 1 + shapes.index("star"))
+    for row, column in ((1, 0), (0, 1), (1, 1)):
+        assert tuple(labels[row, column, :2]) == (1 + colours.index("red"), 1 + shapes.index("star"))
+    for row, column in ((3, 5), (3, 6), (4, 5), (4, 6)):
+        assert tuple(labels[row, column, :2]) == (1 + colours.index("blue"), 1 + shapes.index("cross"))
+    assert (labels[..., :2] != NONE).sum() == 8 * 2
+    np.testing.assert_array_equal(labels[0, :, 2], [0, 1, 3, 4, 5, 6, 8, 9])  # tenths of each centre
+    np.testing.assert_array_equal(labels[:, 0, 3], [0, 1, 3, 4, 5, 6, 8, 9])
+
+
+def test_a_vision_step_is_views_and_crops_and_deterministic(demo_data: DemoData) -> None:
+    first, again = demo_data.vision_step(3), demo_data.vision_step(3)
+    assert len(first) == VISION_IMAGES
+    assert [s.image.key for s in first] == [s.image.key for s in again]
+    assert sum(s.image.key.startswith("crop") for s in first) == VISION_IMAGES // 2
+    assert [s.image.key for s in demo_data.vision_heldout()] != [s.image.key for s in first]
+
+
+def test_the_tower_learns_the_labels(demo_data: DemoData, tiny_qwen3vl) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen3vl, dtype=torch.float32)
+    merge_size = demo_data.family.image_config.merge_size
+    batch = vision_batch(demo_data.vision_step(0), merge_size)
+    assert len(batch["labels"]) == sum(s.image.n_tokens for s in demo_data.vision_step(0))
+    dense = DenseLabels(model.model.visual, model.config.text_config.hidden_size)
+    optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-2)
+    before = dense.accuracy(batch)
+    losses = []
+    for _ in range(40):
+        loss = dense(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    after = dense.accuracy(batch)
+    assert losses[-1] < 0.8 * losses[0]
+    assert set(after) == {"colour", "shape", "x", "y"}
+    assert after["x"] > before["x"] and after["y"] > before["y"]

@@ -1,0 +1,124 @@
+"""Stage 0 of the demo model: the vision tower learns to see before the decoder learns where to look.
+
+From random weights the tower's tokens hardly say what a small object is. A linear probe on the merged
+tokens of a 256-px benchmark view (3-8 objects of 1-3% of the long side) names the colour of the object in
+a token 25% of the time (chance 17%); on the raw patch embeddings it is 49%: the four random ViT blocks wash
+out what little the pixels carry. The decoder then has nothing to bind the question's colour to.
+
+So the tower is first trained alone on dense labels. Every token of a view or crop is labelled with the
+colour and shape of the object covering most of it (or none) and its position in the image in tenths of
+the width and height (the first digit of a 0-1000 coordinate); a linear head per label reads the merger's
+output, and the heads are dropped afterwards. Measured with `train demo`'s stage 0 (16 images a step, half
+views at 256 or 512 px, half crops; lr 2e-3), on held-out images after 300 steps: colour on 95% of the
+tokens an object covers, x and y tenths on 99.8% and 99.5% of all tokens, shape still at chance (20%).
+Views alone: about 0.5 s a step on 2 cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from engine.cropping import PixelBox, crop_image
+from engine.families import Family
+from evals.synth import COLORS, SHAPES, Scene
+from runtimes.protocol import ImageInput
+from train.cells import Region, coverage, token_centres, token_grid
+
+NONE = 0  # the colour / shape class of a token no object covers
+TENTHS = 10
+NONE_WEIGHT = 0.1  # most tokens are empty: their class would swamp the loss
+
+
+@dataclass(frozen=True)
+class SeenImage:
+    """An image the model sees and the part of the scene it shows."""
+
+    image: ImageInput
+    region: Region
+    scene: Scene
+
+
+def view(family: Family, scene: Scene, picture: PILImage.Image, resolution: int | None) -> SeenImage:
+    return SeenImage(
+        family.prepare_image(picture, resolution, "view"), (0, 0, scene.width, scene.height), scene
+    )
+
+
+def crop(family: Family, scene: Scene, picture: PILImage.Image, box: PixelBox, resolution: int) -> SeenImage:
+    image = family.prepare_image(crop_image(picture, box), resolution, "crop")
+    return SeenImage(image, (box.x1, box.y1, box.x2, box.y2), scene)
+
+
+def token_labels(seen: SeenImage, merge_size: int) -> np.ndarray:
+    """(tokens, 4) int64: colour, shape (0: none, else 1 + index), x and y tenths of each token's centre."""
+    grid = token_grid(seen.image, merge_size)
+    covered = np.stack([coverage(grid, seen.region, obj.box) for obj in seen.scene.objects], axis=1)
+    best = covered.argmax(axis=1)
+    colour_names = list(COLORS)
+    colours = np.array([1 + colour_names.index(obj.color) for obj in seen.scene.objects])[best]
+    shapes = np.array([1 + SHAPES.index(obj.shape) for obj in seen.scene.objects])[best]
+    empty = covered.max(axis=1) == 0
+    colours[empty], shapes[empty] = NONE, NONE
+    tenths = np.minimum((token_centres(grid) * TENTHS).astype(np.int64), TENTHS - 1)
+    return np.stack([colours, shapes, tenths[:, 0], tenths[:, 1]], axis=1)
+
+
+def vision_batch(images: Sequence[SeenImage], merge_size: int) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.from_numpy(np.concatenate([seen.image.pixel_values for seen in images])),
+        "image_grid_thw": torch.tensor([seen.image.grid_thw for seen in images]),
+        "labels": torch.from_numpy(np.concatenate([token_labels(seen, merge_size) for seen in images])),
+    }
+
+
+class DenseLabels(torch.nn.Module):
+    """The vision tower with a linear head per token label; the loss is their weighted cross-entropy."""
+
+    def __init__(self, visual: torch.nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.colour = torch.nn.Linear(hidden, 1 + len(COLORS))
+        self.shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
+        self.x = torch.nn.Linear(hidden, TENTHS)
+        self.y = torch.nn.Linear(hidden, TENTHS)
+
+    def tokens(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden): the merger's output, what the decoder receives."""
+        output = self.visual(pixel_values, grid_thw=image_grid_thw)
+        return output[0] if isinstance(output, tuple) else output.pooler_output
+
+    def forward(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, labels: torch.Tensor
+    ) -> SimpleNamespace:
+        tokens = self.tokens(pixel_values, image_grid_thw)
+        cross_entropy = torch.nn.functional.cross_entropy
+        colour_weight = torch.ones(1 + len(COLORS))
+        colour_weight[NONE] = NONE_WEIGHT
+        shape_weight = torch.ones(1 + len(SHAPES))
+        shape_weight[NONE] = NONE_WEIGHT
+        loss = (
+            cross_entropy(self.colour(tokens), labels[:, 0], weight=colour_weight.to(tokens.device))
+            + cross_entropy(self.shape(tokens), labels[:, 1], weight=shape_weight.to(tokens.device))
+            + 0.5 * cross_entropy(self.x(tokens), labels[:, 2])
+            + 0.5 * cross_entropy(self.y(tokens), labels[:, 3])
+        )
+        return SimpleNamespace(loss=loss)
+
+    @torch.no_grad()
+    def accuracy(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Colour and shape on the tokens an object covers, position on all: what the decoder can read."""
+        tokens = self.tokens(batch["pixel_values"], batch["image_grid_thw"])
+        labels = batch["labels"]
+        covered = labels[:, 0] != NONE
+        return {
+            "colour": float((self.colour(tokens).argmax(1) == labels[:, 0])[covered].float().mean()),
+            "shape": float((self.shape(tokens).argmax(1) == labels[:, 1])[covered].float().mean()),
+            "x": float((self.x(tokens).argmax(1) == labels[:, 2]).float().mean()),
+            "y": float((self.y(tokens).argmax(1) == labels[:, 3]).float().mean()),
+        }
