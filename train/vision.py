@@ -8,7 +8,9 @@ out what little the pixels carry. The decoder then has nothing to bind the quest
 So the tower is first trained alone on dense labels. Every token of a view or crop is labelled with the
 colour and shape of the object covering most of it (or none) and its position in the image in tenths of
 the width and height (the first digit of a 0-1000 coordinate); a linear head per label reads the merger's
-output, and the heads are dropped afterwards. Measured with `train demo`'s stage 0 (16 images a step, half
+output, and the heads are dropped afterwards. Position is labelled because the decoder writes it: a tower
+trained on colour and shape alone (300 steps) overwrites it where an object is, and the column of an
+object's token is then read on 42% of them (100% at initialization and with the position labels). Measured with `train demo`'s stage 0 (16 images a step, half
 views at 256 or 512 px, half crops; lr 2e-3), on held-out images after 300 steps: colour on 95% of the
 tokens an object covers, x and y tenths on 99.8% and 99.5% of all tokens, shape still at chance (20%).
 Views alone: about 0.5 s a step on 2 cores.
