@@ -10,8 +10,9 @@ scenes of the synthetic benchmark (evals/synth.py) with the engine's own prompts
   view      the view alone at 256, 512 or full resolution (the baselines) -> the answer
 
 Before all that, the vision tower is trained alone on dense per-token labels (train/vision.py): from
-random weights its tokens hardly say what a small object is. Then `train perception-lora` fits the perception variant on a synthetic training set. Scenes are drawn
-from (seed, step), so the same seed gives the same checkpoint on the same machine.
+random weights its tokens hardly say what a small object is. Then `train perception-lora` fits the
+perception variant on a synthetic training set. Scenes are drawn from (seed, step), so the same seed gives
+the same checkpoint on the same machine.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import math
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from runtimes.torch_ref.family import TorchFamily, torch_family_for
 from runtimes.torch_ref.runtime import pick_device
 from train.examples import TrainingSequence, by_length, collate, encode, perceive_segments, reason_segments
 from train.heldout import Heldout, Probe, make_probe, probe_losses
-from train.loop import Curve, Schedule, fit, on_device
+from train.loop import Curve, Schedule, fit, on_device, prefetched
 from train.report import write_training_report
 from train.vision import DenseLabels, SeenImage, crop, view, vision_batch
 
@@ -328,13 +328,10 @@ def train_base(
     def measure() -> dict[str, float]:
         return probe_losses(model, probes, batch, MICRO_BATCH_TOKENS)
 
-    with ThreadPoolExecutor(1) as prefetch:  # the next step's scenes render while this one trains
-        upcoming = {0: prefetch.submit(data.step, 0)}
+    with prefetched(data.step, steps) as sequences_of:
 
         def batches(step: int) -> list[dict]:
-            sequences = upcoming.pop(step).result()
-            if step + 1 < steps:
-                upcoming[step + 1] = prefetch.submit(data.step, step + 1)
+            sequences = sequences_of(step)
             if step and step % save_every == 0:
                 model.save_pretrained(out)
             if step % eval_every == 0:
@@ -357,15 +354,13 @@ def train_vision(
     merge_size = data.family.image_config.merge_size
     dense = DenseLabels(model.model.visual, model.config.text_config.hidden_size).to(device)
 
-    def batches(step: int) -> list[dict]:
-        return [on_device(vision_batch(data.vision_step(step), merge_size), device)]
-
-    curve = fit(
-        dense,
-        batches,
-        Schedule(steps=steps, lr=VISION_LR, warmup=min(30, steps // 10 + 1)),
-        description="vision tower",
-    )
+    with prefetched(lambda step: vision_batch(data.vision_step(step), merge_size), steps) as batch_of:
+        curve = fit(
+            dense,
+            lambda step: [on_device(batch_of(step), device)],
+            Schedule(steps=steps, lr=VISION_LR, warmup=min(30, steps // 10 + 1)),
+            description="vision tower",
+        )
     heldout = on_device(vision_batch(data.vision_heldout(), merge_size), device)
     return curve, {name: round(value, 3) for name, value in dense.accuracy(heldout).items()}
 

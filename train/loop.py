@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
 
 Batch = dict[str, Any]  # HF forward kwargs with labels
+Data = TypeVar("Data")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,22 @@ class Curve:
             sum(self.losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
             for i in range(len(self.losses))
         ]
+
+
+@contextmanager
+def prefetched(produce: Callable[[int], Data], steps: int) -> Iterator[Callable[[int], Data]]:
+    """`produce(step)` for steps 0, 1, ... in order, step + 1 already running in a thread while step trains
+    (rendering scenes costs a good part of a step; torch releases the GIL while it computes)."""
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = {0: pool.submit(produce, 0)}
+
+        def take(step: int) -> Data:
+            data = upcoming.pop(step).result()
+            if step + 1 < steps:
+                upcoming[step + 1] = pool.submit(produce, step + 1)
+            return data
+
+        yield take
 
 
 def on_device(batch: Batch, device: str) -> Batch:

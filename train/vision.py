@@ -89,6 +89,10 @@ class DenseLabels(torch.nn.Module):
         self.shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
         self.x = torch.nn.Linear(hidden, TENTHS)
         self.y = torch.nn.Linear(hidden, TENTHS)
+        for name, classes in (("colour_weight", 1 + len(COLORS)), ("shape_weight", 1 + len(SHAPES))):
+            weight = torch.ones(classes)
+            weight[NONE] = NONE_WEIGHT
+            self.register_buffer(name, weight, persistent=False)
 
     def tokens(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden): the merger's output, what the decoder receives."""
@@ -100,13 +104,9 @@ class DenseLabels(torch.nn.Module):
     ) -> SimpleNamespace:
         tokens = self.tokens(pixel_values, image_grid_thw)
         cross_entropy = torch.nn.functional.cross_entropy
-        colour_weight = torch.ones(1 + len(COLORS))
-        colour_weight[NONE] = NONE_WEIGHT
-        shape_weight = torch.ones(1 + len(SHAPES))
-        shape_weight[NONE] = NONE_WEIGHT
         loss = (
-            cross_entropy(self.colour(tokens), labels[:, 0], weight=colour_weight.to(tokens.device))
-            + cross_entropy(self.shape(tokens), labels[:, 1], weight=shape_weight.to(tokens.device))
+            cross_entropy(self.colour(tokens), labels[:, 0], weight=self.colour_weight)
+            + cross_entropy(self.shape(tokens), labels[:, 1], weight=self.shape_weight)
             + 0.5 * cross_entropy(self.x(tokens), labels[:, 2])
             + 0.5 * cross_entropy(self.y(tokens), labels[:, 3])
         )
