@@ -52,7 +52,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        default=1800,
+        default=1600,
         help="optimizer steps of the base model (16 sequences each, a 17th every fourth step)",
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the base model")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.families import Family
@@ -27,6 +28,7 @@ END_OF_TURN = "<|im_end|>"  # what the assistant's turn ends with: generation st
 class TrainingSequence:
     prompt: TokenizedPrompt  # the whole sequence: prompt + target + end of turn
     n_target: int  # trailing tokens the loss covers
+    look_at: tuple[int, ...] = ()  # token indices the target covers, for train/guide.py (empty: unguided)
 
 
 def perceive_segments(family: Family, prompt: str, question: str, view: ImageInput) -> list[Segment]:
@@ -41,10 +43,16 @@ def reason_segments(
     return [*family.image_prefix(view), *family.question_suffix(prompt.format(question=question), crops)]
 
 
-def encode(torch_family: TorchFamily, segments: Sequence[Segment], target: str) -> TrainingSequence:
+def encode(
+    torch_family: TorchFamily, segments: Sequence[Segment], target: str, look_at: Sequence[bool] = ()
+) -> TrainingSequence:
+    """`look_at`: for each visual token of the first image, whether the guide should attend to it."""
     target_ids = torch_family.tokenizer.encode(target + END_OF_TURN, add_special_tokens=False).ids
     prompt = torch_family.tokenize([*segments, Text(target + END_OF_TURN)], 0)
-    return TrainingSequence(prompt, len(target_ids))
+    first_image = np.flatnonzero(prompt.image_mask)[: len(look_at)]
+    return TrainingSequence(
+        prompt, len(target_ids), tuple(int(i) for i in first_image[np.asarray(look_at, bool)])
+    )
 
 
 def collate(torch_family: TorchFamily, sequences: Sequence[TrainingSequence]) -> dict[str, Any]:

@@ -72,10 +72,12 @@ def fit(
     schedule: Schedule,
     *,
     parameters: Iterable[torch.nn.Parameter] | None = None,
+    loss_of: Callable[[torch.nn.Module, Batch], torch.Tensor] = lambda model, batch: model(**batch).loss,
     description: str = "train",
 ) -> Curve:
     """Run `schedule.steps` steps; `batches(step)` gives the micro-batches of that step (gradients add up,
-    each weighted by its share of target tokens, so a step's loss is the mean over all its target tokens)."""
+    each weighted by its share of target tokens, so a step's loss is the mean over all its target tokens).
+    `loss_of` is a micro-batch's loss (train/guide.py adds to the model's own)."""
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
     curve = Curve()
@@ -89,7 +91,7 @@ def fit(
         total = sum(weights)
         loss_value = 0.0
         for batch, weight in zip(micro, weights):
-            loss = model(**batch).loss * (weight / total)
+            loss = loss_of(model, batch) * (weight / total)
             loss.backward()
             loss_value += loss.item()  # float(loss) warns on a tensor that requires grad
         torch.nn.utils.clip_grad_norm_(params, schedule.clip)

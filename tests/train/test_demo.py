@@ -13,8 +13,15 @@ import pytest
 
 from engine.boxes import Box
 from engine.cropping import PixelBox
-from evals.synth import render, sample_scene
-from train.demo import HELDOUT_SLOTS, OBJECT_SIZE, OBJECTS, STEP_SLOTS, TRAIN_SIZES, Curriculum, DemoData
+from evals.synth import Scene, SynthObject, render, sample_scene
+from train.demo import (
+    COLOR_EVERY,
+    HELDOUT_SLOTS,
+    OBJECTS,
+    STEP_SLOTS,
+    Curriculum,
+    DemoData,
+)
 from train.examples import END_OF_TURN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,17 +104,34 @@ def test_reason_crops_follow_the_spec_and_mostly_hold_the_target(demo_data: Demo
     assert 0.75 <= holding / 120 <= 0.97
 
 
-def test_the_curriculum_shrinks_lone_large_objects_to_the_benchmarks_scenes():
+def test_the_curriculum_adds_distractors_to_a_lone_target():
     curriculum, steps = Curriculum(), 1000
-    assert curriculum.scene(0, steps) == ((1, 1), curriculum.start_size)
-    end = round(curriculum.fraction * steps)
-    for step in (end, steps - 1):
-        objects, size = curriculum.scene(step, steps)
-        assert objects == OBJECTS and size == pytest.approx(OBJECT_SIZE)
-    sizes = [curriculum.scene(step, steps)[1] for step in range(0, end + 1, 50)]
-    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(sizes, sizes[1:]))  # shrinking all the way
+    alone, full = round(curriculum.alone * steps), round((curriculum.alone + curriculum.ramp) * steps)
+    assert all(curriculum.objects(step, steps) == (1, 1) for step in range(0, alone + 1, 25))
+    assert all(curriculum.objects(step, steps) == OBJECTS for step in range(full, steps, 25))
+    ramp = [curriculum.objects(step, steps) for step in range(alone, full + 1, 10)]
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(ramp, ramp[1:]))  # growing all the way
+    assert len(set(ramp)) > 4
+
+
+def test_a_step_asks_both_kinds_of_question_mostly_shape(demo_data: DemoData) -> None:
+    tokenizer = demo_data.torch_family.tokenizer
+    perceive = [s for step in range(4) for s in demo_data.step(step) if s.look_at]
+    colour = sum("What color" in tokenizer.decode(s.prompt.token_ids) for s in perceive)
+    assert colour == len(perceive) // COLOR_EVERY
+
+
+def test_perceive_sequences_guide_to_the_tokens_the_target_covers(demo_data: DemoData) -> None:
+    red_star = SynthObject("star", "red", (0, 0, 64, 64))  # the top-left 2x2 tokens of a 256-px view
+    blue_cross = SynthObject("cross", "blue", (160, 96, 224, 160))
+    scene = Scene(
+        256, 256, "shape", (red_star, blue_cross), "What shape is the red object?", "star", "red object"
+    )
     rng = np.random.default_rng(0)
-    for step in range(0, end + 1, 25):  # every stage's scenes fit every training size
-        objects, size = curriculum.scene(step, steps)
-        for width, height in TRAIN_SIZES:
-            assert len(sample_scene(rng, width, height, objects[1], object_size=size).objects) == objects[1]
+    perceive, reason = STEP_SLOTS[0]
+    sequence = demo_data.sequence(perceive, scene, render(scene), rng)
+    first = int(np.flatnonzero(sequence.prompt.image_mask)[0])
+    assert sequence.look_at == (first, first + 1, first + 8, first + 9)  # rows of 8 tokens
+    assert demo_data.sequence(reason, scene, render(scene), rng).look_at == ()
+    step = demo_data.step(0)
+    assert all(bool(s.look_at) == (s.n_target > 12) for s in step)  # bbox JSON is long, answers short
