@@ -228,15 +228,15 @@ class DemoData:
         self, slot: Slot, scene: Scene, image: PILImage.Image, rng: np.random.Generator
     ) -> TrainingSequence:
         family = self.family
-        view = family.prepare_image(image, slot.resolution, "view")
+        view_input = family.prepare_image(image, slot.resolution, "view")
         if slot.task == "perceive":
-            segments = perceive_segments(family, self.prompts["perceive"], scene.question, view)
+            segments = perceive_segments(family, self.prompts["perceive"], scene.question, view_input)
             target_box = Box(*_normalized(scene.objects[0].box, scene), label=scene.label)
-            grid = token_grid(view, family.image_config.merge_size)
+            grid = token_grid(view_input, family.image_config.merge_size)
             covered = coverage(grid, (0, 0, scene.width, scene.height), scene.objects[0].box) > 0
             return encode(self.torch_family, segments, family.grounding_target([target_box]), covered)
         crops = self.crops(scene, image, rng) if slot.task == "reason" else []
-        segments = reason_segments(family, self.prompts["reason"], scene.question, view, crops)
+        segments = reason_segments(family, self.prompts["reason"], scene.question, view_input, crops)
         return encode(self.torch_family, segments, scene.answer)
 
     def crops(self, scene: Scene, image: PILImage.Image, rng: np.random.Generator) -> list[ImageInput]:
