@@ -130,7 +130,8 @@ FULL_VIEW_EVERY = 4
 # not show (objects are 2-8 px), so SPARC there can at best match the view-only baseline; shape questions
 # are where the crops pay and where localization can be learned.
 COLOR_EVERY = 4
-VISION_IMAGES = 16  # per stage-0 step: views at 256 and 512 px, and crops
+VISION_SCENES = 4  # per stage-0 step: each a view (at 256 px, one in four at 512) ...
+VISION_CROPS_PER_SCENE = 3  # ... and crops around random objects of it
 VISION_LR = 2e-3
 HELDOUT_PER_TASK = 16  # sequences per held-out probe (a quarter of that for the full-resolution view)
 MICRO_BATCH_TOKENS = 2600  # padded tokens per forward (see train.examples.by_length)
@@ -185,15 +186,20 @@ class DemoData:
         return self.vision_images(np.random.default_rng([self.seed, 0, 3]))
 
     def vision_images(self, rng: np.random.Generator) -> list[SeenImage]:
-        """Stage 0's images: benchmark scenes, half as views, half as crops around one of their objects."""
+        """Stage 0's images: benchmark scenes, each as a view and as crops around some of its objects.
+
+        Mostly crops: shape, which only crops show, is the label the tower learns last, and a crop (25
+        tokens) costs a fraction of a view.
+        """
         images = []
-        for index in range(VISION_IMAGES // 2):
+        for index in range(VISION_SCENES):
             scene = self.benchmark_scene(rng, ("shape", "color")[index % 2])
             picture = render(scene)
             images.append(view(self.family, scene, picture, (256, 512)[index % 4 == 3]))
-            around = self.predicted(scene, int(rng.integers(len(scene.objects))), rng)
-            box = self.crop.plan([around], scene.width, scene.height)[0]  # one box plans one crop
-            images.append(crop(self.family, scene, picture, box, self.crop.resolution))
+            for _ in range(VISION_CROPS_PER_SCENE):
+                around = self.predicted(scene, int(rng.integers(len(scene.objects))), rng)
+                box = self.crop.plan([around], scene.width, scene.height)[0]  # one box plans one crop
+                images.append(crop(self.family, scene, picture, box, self.crop.resolution))
         return images
 
     def benchmark_scene(self, rng: np.random.Generator, kind: str) -> Scene:

@@ -47,7 +47,8 @@ def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "training.png").is_file()
     assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
     record = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert len(record["vision_loss"]) == 2 and set(record["vision_accuracy"]) == {"colour", "shape", "x", "y"}
+    assert len(record["vision_loss"]) == 2
+    assert set(record["vision_accuracy"]) == {"colour", "shape", "x", "y", "box"}
     heldout = record["heldout"]
     assert heldout["steps"] == [0, 2]  # the first step and the end
     assert set(heldout["losses"][0]) == set(heldout["chance"]) == {slot.name for slot in HELDOUT_SLOTS}
