@@ -122,12 +122,16 @@ def token_types(ids: Sequence[int], vocab: dict[str, int]) -> np.ndarray:
     return np.isin(np.asarray(ids, dtype=np.int64), list(vocab.values())).astype(np.int64)
 
 
+def own_pooling(images: Sequence[ImageInput]) -> list[np.ndarray]:
+    """Per image, its (features, 4) pooling rows indexing its own patches (-1 pads)."""
+    return [image.extras["image_token_pooling"].astype(np.int64) for image in images]
+
+
 def stack_images(images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Several images as one model input: (crops, 729, 588) pixels, (features, 4) pooling rows indexing
     the concatenated crops (-1 pads), (images, 4) grids - what Molmo2Processor returns for a batch of one."""
     pooling, offset = [], 0
-    for image in images:
-        rows = image.extras["image_token_pooling"]  # indices into this image's own patches
+    for image, rows in zip(images, own_pooling(images)):
         pooling.append(np.where(rows >= 0, rows + offset, -1))
         offset += image.pixel_values.shape[0] * image.pixel_values.shape[1]
     return (

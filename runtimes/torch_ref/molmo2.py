@@ -11,17 +11,25 @@ is exact for one image per chunk; a one-shot HF forward over image + crops would
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from transformers.models.molmo2.modeling_molmo2 import Molmo2Model
 
 from runtimes.families import molmo2 as image_layout
 from runtimes.mrope import TokenizedPrompt
 from runtimes.protocol import ImageConfig, RuntimeInputError, Segment
 from runtimes.torch_ref.checkpoint import agreed, read_json
 from runtimes.torch_ref.family import TorchFamily
+
+# transformers 5.25 changed what several images' pooling rows index: before, the concatenated crops of
+# all images (as Molmo2Processor returned them); since, each image's own crops, with `image_num_crops`
+# saying how many each image has. Both are supported: the signature says which one is installed.
+POOLING_PER_IMAGE = "image_num_crops" in inspect.signature(Molmo2Model.get_image_features).parameters
 
 # transformers' Molmo2 defaults: what a checkpoint that leaves a constant unstated gets
 CROP_SIZE, PATCH_SIZE, OVERLAP_MARGINS, POOLING, MAX_CROPS = 378, 14, (4, 4), (2, 2), 8
@@ -118,6 +126,12 @@ class Molmo2Torch(TorchFamily):
             image_grids=torch.from_numpy(grids),
             mm_token_type_ids=torch.from_numpy(types)[None],
         )
+        if POOLING_PER_IMAGE:
+            crops = np.array([image.pixel_values.shape[0] for image in prompt.images], dtype=np.int64)
+            kwargs.update(
+                image_token_pooling=torch.from_numpy(np.concatenate(image_layout.own_pooling(prompt.images))),
+                image_num_crops=torch.from_numpy(crops),
+            )
         return kwargs
 
     def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:
