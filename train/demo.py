@@ -18,9 +18,11 @@ the same checkpoint on the same machine.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +76,13 @@ DEMO_SIZES = TinyQwen3VLSizes(
 # model sees are the same sizes at any scale (the eval checks 4096 px).
 TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (1536, 2048))
 OBJECTS = (3, 8)  # per scene, the target included: the synth default
+# The demo model grounds on a 1/20 grid: the target's box snapped outwards to multiples of 50 on Qwen's
+# 0-1000 scale, so a box is 50 or 100 wide and high. A 4M model trained for minutes cannot place an object
+# of 2-8 px of its 256-px view to the unit; with exact boxes it spent its coordinate loss on the second and
+# third digits, which it cannot know, and wrote x2, y2 as copies of x1, y1 (zero-area boxes, dropped by the
+# parser). On the grid the third digit is always 0, the second 0 or 5, and x2 is x1 + 50 or + 100: only
+# the first digits depend on the image. The crop stage pads the box anyway (min_fraction 0.1 of the image).
+BOX_GRID = 0.05
 OBJECT_SIZE = (0.01, 0.03)  # side / longest image side: the synth default
 
 
@@ -237,7 +246,7 @@ class DemoData:
         view_input = family.prepare_image(image, slot.resolution, "view")
         if slot.task == "perceive":
             segments = perceive_segments(family, self.prompts["perceive"], scene.question, view_input)
-            target_box = Box(*_normalized(scene.objects[0].box, scene), label=scene.label)
+            target_box = Box(*snapped(_normalized(scene.objects[0].box, scene)), label=scene.label)
             grid = token_grid(view_input, family.image_config.merge_size)
             covered = coverage(grid, (0, 0, scene.width, scene.height), scene.objects[0].box) > 0
             return encode(self.torch_family, segments, family.grounding_target([target_box]), covered)
@@ -275,6 +284,34 @@ class DemoData:
 def _normalized(box: tuple[int, int, int, int], scene: Scene) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
     return x1 / scene.width, y1 / scene.height, x2 / scene.width, y2 / scene.height
+
+
+def snapped(box: Sequence[float], grid: float = BOX_GRID) -> tuple[float, float, float, float]:
+    """A normalized box grown to the smallest box of the grid that holds it (BOX_GRID)."""
+    cells = 1 / grid
+    x1, y1, x2, y2 = (round(c * cells, 6) for c in box)  # 0.15 * 20 must stay 3, not 3.0000000001
+    return (
+        math.floor(x1) / cells,
+        math.floor(y1) / cells,
+        min(cells, max(math.ceil(x2), math.floor(x1) + 1)) / cells,
+        min(cells, max(math.ceil(y2), math.floor(y1) + 1)) / cells,
+    )
+
+
+def snap_rows(rows: Path) -> None:
+    """Rewrite a synthetic dataset's boxes (pixels) onto the demo's grid, so its LoRA learns the same
+    boxes as the base model."""
+    lines = []
+    for line in rows.read_text().splitlines():
+        row = json.loads(line)
+        width, height = row["width"], row["height"]
+        scale = (width, height, width, height)
+        row["boxes"] = [
+            [round(c * s) for c, s in zip(snapped([c / s for c, s in zip(box, scale)]), scale)]
+            for box in row["boxes"]
+        ]
+        lines.append(json.dumps(row) + "\n")
+    rows.write_text("".join(lines))
 
 
 def open_checkpoint(model_dir: Path) -> tuple[Family, TorchFamily]:
@@ -437,6 +474,7 @@ def _train_lora(out: Path, args: argparse.Namespace) -> tuple[float, Curve]:
         objects=OBJECTS,
         object_size=OBJECT_SIZE,
     )
+    snap_rows(rows)
     options = LoraOptions(
         steps=args.lora_steps,
         batch_size=8,

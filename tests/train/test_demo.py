@@ -13,14 +13,17 @@ import pytest
 
 from engine.boxes import Box
 from engine.cropping import PixelBox
-from evals.synth import Scene, SynthObject, render, sample_scene
+from evals.synth import Scene, SynthObject, render, sample_scene, write_dataset
 from train.demo import (
+    BOX_GRID,
     COLOR_EVERY,
     HELDOUT_SLOTS,
     OBJECTS,
     STEP_SLOTS,
     Curriculum,
     DemoData,
+    snap_rows,
+    snapped,
 )
 from train.examples import END_OF_TURN
 
@@ -87,7 +90,41 @@ def test_perceive_targets_are_the_family_grounding_of_the_target(demo_data: Demo
     x1, y1, x2, y2 = scene.objects[0].box
     (box,) = grounding.boxes
     assert box.label == scene.label
-    assert box.iou(Box(x1 / 1024, y1 / 768, x2 / 1024, y2 / 768)) > 0.9  # 0-1000 integers round a little
+    exact = Box(x1 / 1024, y1 / 768, x2 / 1024, y2 / 768)
+    # the demo's grid: the smallest box of multiples of BOX_GRID holding the target
+    assert box.iou(exact) == pytest.approx(exact.area / box.area)
+    for corner in box.as_list():
+        assert corner / BOX_GRID == pytest.approx(round(corner / BOX_GRID), abs=1e-3)
+    assert BOX_GRID - 1e-9 <= min(box.width, box.height) <= max(box.width, box.height) <= 2 * BOX_GRID + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("box", "grid_box"),
+    [
+        ((0.1501, 0.149, 0.16, 0.18), (0.15, 0.1, 0.2, 0.2)),
+        ((0.15, 0.15, 0.2, 0.2), (0.15, 0.15, 0.2, 0.2)),  # already on the grid: unchanged
+        ((0.97, 0.3, 0.999, 0.31), (0.95, 0.3, 1.0, 0.35)),
+        ((0.3, 0.3, 0.3, 0.3), (0.3, 0.3, 0.35, 0.35)),  # never zero-area
+    ],
+)
+def test_snapped_grows_a_box_to_the_grid(box, grid_box) -> None:
+    assert snapped(box) == pytest.approx(grid_box)
+
+
+def test_snap_rows_puts_the_lora_data_on_the_grid(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path, 4, seed=3, sizes=[(1024, 768)], objects=(3, 4), object_size=(0.01, 0.03))
+    before = [json.loads(line) for line in rows.read_text().splitlines()]
+    snap_rows(rows)
+    after = [json.loads(line) for line in rows.read_text().splitlines()]
+    for old, new in zip(before, after):
+        assert {k: v for k, v in old.items() if k != "boxes"} == {
+            k: v for k, v in new.items() if k != "boxes"
+        }
+        ((x1, y1, x2, y2),), ((a1, b1, a2, b2),) = old["boxes"], new["boxes"]
+        assert a1 <= x1 and b1 <= y1 and a2 >= x2 and b2 >= y2
+        for corner, side in ((a1, 1024), (b1, 768), (a2, 1024), (b2, 768)):  # on a grid line, to the pixel
+            cell = side * BOX_GRID
+            assert abs(corner - round(corner / cell) * cell) <= 0.5
 
 
 def test_reason_crops_follow_the_spec_and_mostly_hold_the_target(demo_data: DemoData) -> None:
