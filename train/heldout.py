@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from train.examples import TrainingSequence, by_length
 
@@ -116,3 +118,6 @@ class Heldout:
     def record(self, step: int, losses: dict[str, float]) -> None:
         self.steps.append(step)
         self.losses.append(losses)
+        # above the progress bar, so a long run shows whether it is learning while it goes
+        scores = ", ".join(f"{name} {loss:.2f} ({self.chance[name]:.2f})" for name, loss in losses.items())
+        tqdm.write(f"held-out at step {step}, loss (chance): {scores}", file=sys.stderr)
