@@ -9,6 +9,7 @@ layout, rope positions, pixel kwargs) sits in a `TorchFamily` picked by config.j
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,12 @@ from runtimes.torch_ref.family import torch_family_for
 # a CLI user wants the answer, not weight-loading progress bars and fallback notices
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: transformers 5.25 renamed Molmo2's `past_key_values` to
+    `cache` (the old name is refused from 5.40); the other families keep `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def pick_device(device: str) -> str:
@@ -93,7 +100,8 @@ class TorchRefRuntime:
         returns last-token logits (vocab,)."""
         ids = torch.tensor([prompt.token_ids], device=self.device)
         kwargs = {k: v.to(self.device) for k, v in self.family.forward_inputs(prompt, past, history).items()}
-        out = self.model(variant)(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        model = self.model(variant)
+        out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}, **kwargs)
         return out.logits[0, -1].float().cpu().numpy()
 
     def _tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
@@ -121,6 +129,7 @@ class TorchRefRuntime:
         if n > 1:
             cache.batch_repeat_interleave(n)
         model = self.model(prefix.variant)
+        keyword = cache_keyword(model)
         length = prefix.n_tokens + len(prompt.token_ids)
         next_position = prompt.next_position
 
@@ -128,7 +137,7 @@ class TorchRefRuntime:
             nonlocal length, next_position
             positions = self.family.decode_position_ids(length, next_position, n).to(self.device)
             ids = torch.from_numpy(tokens.astype(np.int64))[:, None].to(self.device)
-            out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, position_ids=positions, use_cache=True, **{keyword: cache})
             length += 1
             next_position += 1
             return out.logits[:, -1].float().cpu().numpy()
