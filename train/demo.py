@@ -76,6 +76,7 @@ DEMO_SIZES = TinyQwen3VLSizes(
 # model sees are the same sizes at any scale (the eval checks 4096 px).
 TRAIN_SIZES = ((1024, 1024), (1024, 768), (768, 1024), (1536, 1536), (2048, 2048), (2048, 1536), (1536, 2048))
 OBJECTS = (3, 8)  # per scene, the target included: the synth default
+OBJECT_SIZE = (0.01, 0.03)  # side / longest image side: the synth default
 # The demo model grounds on a 1/20 grid: the target's box snapped outwards to multiples of 50 on Qwen's
 # 0-1000 scale, so a box is 50 or 100 wide and high. A 4M model trained for minutes cannot place an object
 # of 2-8 px of its 256-px view to the unit; with exact boxes it spent its coordinate loss on the second and
@@ -83,7 +84,6 @@ OBJECTS = (3, 8)  # per scene, the target included: the synth default
 # parser). On the grid the third digit is always 0, the second 0 or 5, and x2 is x1 + 50 or + 100: only
 # the first digits depend on the image. The crop stage pads the box anyway (min_fraction 0.1 of the image).
 BOX_GRID = 0.05
-OBJECT_SIZE = (0.01, 0.03)  # side / longest image side: the synth default
 
 
 @dataclass(frozen=True)

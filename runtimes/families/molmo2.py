@@ -124,7 +124,7 @@ def token_types(ids: Sequence[int], vocab: dict[str, int]) -> np.ndarray:
 
 def own_pooling(images: Sequence[ImageInput]) -> list[np.ndarray]:
     """Per image, its (features, 4) pooling rows indexing its own patches (-1 pads)."""
-    return [image.extras["image_token_pooling"].astype(np.int64) for image in images]
+    return [image.extras["image_token_pooling"] for image in images]
 
 
 def stack_images(images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

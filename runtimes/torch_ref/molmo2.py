@@ -118,6 +118,10 @@ class Molmo2Torch(TorchFamily):
         if not prompt.images:
             return kwargs
         pixels, pooling, grids = image_layout.stack_images(prompt.images)
+        if POOLING_PER_IMAGE:
+            pooling = np.concatenate(image_layout.own_pooling(prompt.images)).astype(np.int64)
+            crops = [image.pixel_values.shape[0] for image in prompt.images]
+            kwargs["image_num_crops"] = torch.tensor(crops, dtype=torch.int64)
         # whole sequence, not just this chunk: transformers indexes it by absolute position
         types = image_layout.token_types([*history, *prompt.token_ids], self.vocab)
         kwargs.update(
@@ -126,12 +130,6 @@ class Molmo2Torch(TorchFamily):
             image_grids=torch.from_numpy(grids),
             mm_token_type_ids=torch.from_numpy(types)[None],
         )
-        if POOLING_PER_IMAGE:
-            crops = np.array([image.pixel_values.shape[0] for image in prompt.images], dtype=np.int64)
-            kwargs.update(
-                image_token_pooling=torch.from_numpy(np.concatenate(image_layout.own_pooling(prompt.images))),
-                image_num_crops=torch.from_numpy(crops),
-            )
         return kwargs
 
     def decode_position_ids(self, length: int, next_position: int, n: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ layout, rope positions, pixel kwargs) sits in a `TorchFamily` picked by config.j
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import time
 from collections.abc import Sequence
@@ -32,9 +33,14 @@ transformers_logging.disable_progress_bar()
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache: transformers 5.25 renamed Molmo2's `past_key_values` to
-    `cache` (the old name is refused from 5.40); the other families keep `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The forward's name for the KV cache: transformers 5.25 renamed `past_key_values` to `cache` (the
+    old name is refused from 5.40); earlier versions know only `past_key_values`."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def pick_device(device: str) -> str:
