@@ -17,7 +17,7 @@ def _percent(value: float | None) -> str:
 
 
 def markdown_table(scores: Sequence[SpecScore]) -> str:
-    """Accuracy (%) overall and per group value, recall@IOU_THR (%), mean IoU, mean visual tokens computed
+    """Accuracy (%) overall and per group value, recall@IOU_THR (%), mean IoU, ground truth in a crop (%), mean visual tokens computed
     and in the reason context, mean crops, p50/p95 latency (ms)."""
     # group columns: every (field, value) any spec has, fields in --by order, values as scored (sorted)
     groups = list(dict.fromkeys((f, v) for s in scores for f, values in s.by.items() for v in values))
@@ -27,6 +27,7 @@ def markdown_table(scores: Sequence[SpecScore]) -> str:
         *(value for _, value in groups),
         f"recall@{IOU_THR}",
         "mean IoU",
+        "in a crop",
         "visual tokens computed",
         "in context",
         "crops",
@@ -42,6 +43,7 @@ def markdown_table(scores: Sequence[SpecScore]) -> str:
             *map(_percent, by),
             _percent(s.region_recall),
             _cell(s.mean_iou, ".2f"),
+            _percent(s.crop_recall),
             _cell(s.visual_tokens_computed, ".0f"),
             _cell(s.visual_tokens_in_context, ".0f"),
             _cell(s.crops, ".1f"),

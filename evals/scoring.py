@@ -82,6 +82,15 @@ def region_recall(
     return float(np.mean([iou >= iou_thr for iou in _best_ious(pred_boxes, gt_boxes)]))
 
 
+def crop_recall(crops: Sequence[PixelBox], gt_boxes: Sequence[PixelBox]) -> float:
+    """Fraction of the (non-empty) ground-truth boxes wholly inside some crop: what the reason stage can see
+    at the crops' resolution. Recall at an IoU threshold misses this when regions are coarser than the
+    objects (a region a few times an object's size can hold it and still overlap it at IoU < 0.5)."""
+    if not gt_boxes:
+        raise ValueError("no ground-truth boxes: recall is undefined")
+    return float(np.mean([any(crop.contains(gt) for crop in crops) for gt in gt_boxes]))
+
+
 def mean_best_iou(pred_boxes: Sequence[PixelBox], gt_boxes: Sequence[PixelBox]) -> float:
     """Mean over the (non-empty) ground-truth boxes of the best IoU with any predicted region (0 if none)."""
     return float(np.mean(_best_ious(pred_boxes, gt_boxes)))
@@ -105,6 +114,7 @@ class SpecScore:
     boxes_n: int  # answered rows with ground-truth boxes: what recall and IoU are over
     region_recall: float | None  # at IoU >= IOU_THR
     mean_iou: float | None
+    crop_recall: float | None  # ground-truth boxes wholly inside a crop
     visual_tokens_computed: float | None  # image tokens run through the model, all stages
     visual_tokens_in_context: float | None  # image tokens the reason stage sees (view + crops)
     crops: float | None
@@ -143,13 +153,14 @@ def score_spec(
             ]
             groups.setdefault(field, {})[text] = Group(sum(hits) / len(hits), len(hits))
 
-    recalls, ious = [], []
+    recalls, ious, held = [], [], []
     for row, result in answered:
         gt = [pixel_box(box) for box in row.extra.get("boxes") or []]
         if gt:
             pred = [pixel_box(region["box"]) for region in result["regions"]]
             recalls.append(region_recall(pred, gt))
             ious.append(mean_best_iou(pred, gt))
+            held.append(crop_recall([pixel_box(box) for box in result["crops"]], gt))
     records = [result for _, result in answered]
     latencies = [sum(stage["ms"] for stage in r["stages"]) for r in records]
     return SpecScore(
@@ -161,6 +172,7 @@ def score_spec(
         boxes_n=len(recalls),
         region_recall=_mean(recalls),
         mean_iou=_mean(ious),
+        crop_recall=_mean(held),
         visual_tokens_computed=_mean(
             [sum(s["visual_tokens_computed"] for s in r["stages"]) for r in records]
         ),

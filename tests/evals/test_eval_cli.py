@@ -29,7 +29,7 @@ stages:
 """
 SPEC_KEYS = {
     "name", "spec", "results", "answered", "failed", "accuracy", "by", "boxes_n", "region_recall", "mean_iou",
-    "visual_tokens_computed", "visual_tokens_in_context", "crops", "p50_ms", "p95_ms",
+    "crop_recall", "visual_tokens_computed", "visual_tokens_in_context", "crops", "p50_ms", "p95_ms",
 }  # fmt: skip
 
 
@@ -179,7 +179,7 @@ def test_eval_command_end_to_end_on_the_tiny_model(tmp_path, tiny_qwen3vl_onnx):
     table = (out / "report.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| spec |"))
     assert header == (
-        "| spec | accuracy | color | shape | 256 | 320 | recall@0.5 | mean IoU | visual tokens computed | "
+        "| spec | accuracy | color | shape | 256 | 320 | recall@0.5 | mean IoU | in a crop | visual tokens computed | "
         "in context | crops | p50 ms | p95 ms |"
     )
     assert sum(line.startswith("| ") for line in table) == 3  # the header and one row per spec

@@ -16,6 +16,7 @@ def _score(name, accuracy, tokens, by=None):
         boxes_n=4,
         region_recall=0.5,
         mean_iou=0.25,
+        crop_recall=0.75,
         visual_tokens_computed=tokens / 2,
         visual_tokens_in_context=tokens,
         crops=1.5,
@@ -29,11 +30,11 @@ def test_markdown_table_one_row_per_spec_and_one_column_per_group_value():
     table = markdown_table([_score("base", 0.75, 256.0, by), _score("other", None, 64.0)])
     header, rule, base, other = table.strip().splitlines()
     assert header == (
-        "| spec | accuracy | shape | color | 1024 | recall@0.5 | mean IoU | visual tokens computed | "
+        "| spec | accuracy | shape | color | 1024 | recall@0.5 | mean IoU | in a crop | visual tokens computed | "
         "in context | crops | p50 ms | p95 ms |"
     )
-    assert rule == "|" + "---|" * 12
-    assert base == "| base | 75.0 | 100.0 | 50.0 | 75.0 | 50.0 | 0.25 | 128 | 256 | 1.5 | 120 | 300 |"
+    assert rule == "|" + "---|" * 13
+    assert base == "| base | 75.0 | 100.0 | 50.0 | 75.0 | 50.0 | 0.25 | 75.0 | 128 | 256 | 1.5 | 120 | 300 |"
     assert other.startswith("| other | – | – | – | – | 50.0 |")  # nothing answered, groups it lacks
 
 

@@ -8,6 +8,7 @@ from engine.batch import Row
 from engine.cropping import PixelBox
 from evals.scoring import (
     chosen_letter,
+    crop_recall,
     is_correct,
     mean_best_iou,
     normalize_answer,
@@ -87,6 +88,18 @@ def test_region_recall_at_a_threshold():
     assert region_recall([], two) == 0.0
 
 
+def test_crop_recall_counts_boxes_wholly_inside_a_crop():
+    gt = [PixelBox(10, 10, 20, 20), PixelBox(50, 50, 60, 60)]
+    coarse = [PixelBox(0, 0, 40, 40)]  # holds the first box at IoU 1/16: no region recall, still in a crop
+    assert crop_recall(coarse, gt) == 0.5
+    assert region_recall(coarse, gt) == 0.0
+    assert crop_recall([PixelBox(0, 0, 40, 40), PixelBox(45, 45, 60, 60)], gt) == 1.0
+    assert crop_recall([PixelBox(12, 12, 40, 40)], gt) == 0.0  # cut through is not inside
+    assert crop_recall([], gt) == 0.0
+    with pytest.raises(ValueError):
+        crop_recall(coarse, [])
+
+
 def test_mean_best_iou():
     gt = [PixelBox(0, 0, 10, 10), PixelBox(50, 50, 60, 60)]
     pred = [PixelBox(0, 0, 10, 5), PixelBox(0, 0, 10, 10), PixelBox(100, 100, 110, 110)]
@@ -109,7 +122,7 @@ def _record(answer, regions=(), crops=0, stages=((64, 64, 10.0),)):
     return {
         "answer": answer,
         "regions": [{"box": box, "score": 1.0} for box in regions],
-        "crops": [[0, 0, 8, 8]] * crops,
+        "crops": [[0, 0, 10, 10]] * crops,
         "stages": [{"visual_tokens": v, "visual_tokens_computed": c, "ms": ms} for v, c, ms in stages],
     }
 
@@ -137,6 +150,7 @@ def test_score_spec_aggregates_over_answered_rows():
     assert score.boxes_n == 2
     assert score.region_recall == pytest.approx((1.0 + 0.5) / 2)
     assert score.mean_iou == pytest.approx((0.5 + (1.0 + 0.0) / 2) / 2)
+    assert score.crop_recall == pytest.approx((1.0 + 0.5) / 2)  # b's second box is in no crop
     assert score.visual_tokens_computed == pytest.approx((80 + 80 + 0) / 3)
     assert score.visual_tokens_in_context == pytest.approx((80 + 80 + 64) / 3)
     assert score.crops == pytest.approx(1.0)
