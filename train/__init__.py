@@ -59,7 +59,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-steps",
         type=int,
-        default=1000,
+        default=3000,
         help="steps of stage 0, the vision tower alone on dense token labels, before the whole model",
     )
     parser.add_argument(

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from evals.synth import COLORS, SHAPES, Scene, SynthObject, render
-from train.demo import VISION_CROPS_PER_SCENE, VISION_SCENES, DemoData
+from train.demo import VISION_CROPS_PER_SCENE, VISION_SCENES, VISION_VIEW_EVERY, DemoData
 from train.vision import IGNORE, NONE, DenseLabels, token_labels, view, vision_batch
 
 
@@ -37,12 +37,16 @@ def test_labels_name_the_object_covering_each_token(demo_data: DemoData) -> None
     assert (labels[..., 4:] == IGNORE).all(axis=-1).sum() == 64 - 8
 
 
-def test_a_vision_step_is_views_and_crops_and_deterministic(demo_data: DemoData) -> None:
-    first, again = demo_data.vision_step(3), demo_data.vision_step(3)
-    assert len(first) == VISION_SCENES * (1 + VISION_CROPS_PER_SCENE)
-    assert [s.image.key for s in first] == [s.image.key for s in again]
-    assert sum(s.image.key.startswith("crop") for s in first) == VISION_SCENES * VISION_CROPS_PER_SCENE
-    assert [s.image.key for s in demo_data.vision_heldout()] != [s.image.key for s in first]
+def test_a_vision_step_is_crops_with_views_every_few_steps_and_deterministic(demo_data: DemoData) -> None:
+    with_views, again = demo_data.vision_step(VISION_VIEW_EVERY), demo_data.vision_step(VISION_VIEW_EVERY)
+    assert len(with_views) == VISION_SCENES * (1 + VISION_CROPS_PER_SCENE)
+    assert [s.image.key for s in with_views] == [s.image.key for s in again]
+    crops = VISION_SCENES * VISION_CROPS_PER_SCENE
+    assert sum(s.image.key.startswith("crop") for s in with_views) == crops
+    crops_only = demo_data.vision_step(VISION_VIEW_EVERY + 1)
+    assert len(crops_only) == crops and all(s.image.key.startswith("crop") for s in crops_only)
+    heldout = [s.image.key for s in demo_data.vision_heldout()]
+    assert len(heldout) == len(with_views) and heldout != [s.image.key for s in with_views]
 
 
 def test_the_tower_learns_the_labels(demo_data: DemoData, tiny_qwen3vl) -> None:
