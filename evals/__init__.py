@@ -77,8 +77,8 @@ DATA_COMMANDS: dict[str, Command] = {
 
 EVAL_COMMANDS: dict[str, Command] = {
     "eval": Command(
-        "score specs on a dataset: accuracy, region recall/IoU, targets in a crop, visual tokens, crops, latency; "
-        "report.json, report.md and pareto.png",
+        "score specs on a dataset: accuracy, region recall/IoU, targets in a crop, visual tokens, crops, "
+        "latency; report.json, report.md and pareto.png",
         _eval_arguments,
         "evals.runner:eval_command",
         extra="eval",

@@ -17,8 +17,8 @@ def _percent(value: float | None) -> str:
 
 
 def markdown_table(scores: Sequence[SpecScore]) -> str:
-    """Accuracy (%) overall and per group value, recall@IOU_THR (%), mean IoU, ground truth in a crop (%), mean visual tokens computed
-    and in the reason context, mean crops, p50/p95 latency (ms)."""
+    """Accuracy (%) overall and per group value, recall@IOU_THR (%), mean IoU, ground truth in a crop (%),
+    mean visual tokens computed and in the reason context, mean crops, p50/p95 latency (ms)."""
     # group columns: every (field, value) any spec has, fields in --by order, values as scored (sorted)
     groups = list(dict.fromkeys((f, v) for s in scores for f, values in s.by.items() for v in values))
     header = [
