@@ -32,14 +32,10 @@ transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 
 
-def cache_keyword(model: torch.nn.Module) -> str:
+@functools.cache
+def cache_keyword(model_class: type) -> str:
     """The forward's name for the KV cache: transformers 5.25 renamed `past_key_values` to `cache` (the
     old name is refused from 5.40); earlier versions know only `past_key_values`."""
-    return _cache_keyword(type(model))
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
@@ -107,7 +103,7 @@ class TorchRefRuntime:
         ids = torch.tensor([prompt.token_ids], device=self.device)
         kwargs = {k: v.to(self.device) for k, v in self.family.forward_inputs(prompt, past, history).items()}
         model = self.model(variant)
-        out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}, **kwargs)
+        out = model(input_ids=ids, use_cache=True, **{cache_keyword(type(model)): cache}, **kwargs)
         return out.logits[0, -1].float().cpu().numpy()
 
     def _tokenize(self, segments: Sequence[Segment], start_position: int) -> TokenizedPrompt:
@@ -135,7 +131,7 @@ class TorchRefRuntime:
         if n > 1:
             cache.batch_repeat_interleave(n)
         model = self.model(prefix.variant)
-        keyword = cache_keyword(model)
+        keyword = cache_keyword(type(model))
         length = prefix.n_tokens + len(prompt.token_ids)
         next_position = prompt.next_position
 
