@@ -53,9 +53,16 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=1600,
-        help="optimizer steps of the base model (16 sequences each, a 17th every fourth step)",
+        help="optimizer steps of the base model's first phase (16 sequences each, a 17th every fourth step)",
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the base model")
+    parser.add_argument(
+        "--find-steps",
+        type=int,
+        default=800,
+        help="steps of the last phase: mostly localization among distractors, the target found by its colour",
+    )
+    parser.add_argument("--find-lr", type=float, default=1e-3, help="peak learning rate of the last phase")
     parser.add_argument(
         "--vision-steps",
         type=int,

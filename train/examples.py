@@ -29,6 +29,9 @@ class TrainingSequence:
     prompt: TokenizedPrompt  # the whole sequence: prompt + target + end of turn
     n_target: int  # trailing tokens the loss covers
     look_at: tuple[int, ...] = ()  # token indices the target covers, for train/guide.py (empty: unguided)
+    # leading target tokens written before anything says where the target is: through the first coordinate's
+    # first digit, the target must be found by what the question names it by (train/guide.py's find term)
+    find_through: int = 0
 
 
 def perceive_segments(family: Family, prompt: str, question: str, view: ImageInput) -> list[Segment]:

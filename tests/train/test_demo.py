@@ -17,7 +17,9 @@ from evals.synth import Scene, SynthObject, render, sample_scene, write_dataset
 from train.demo import (
     BOX_GRID,
     COLOR_EVERY,
+    FIND_PHASE,
     HELDOUT_SLOTS,
+    MIX_PHASE,
     OBJECTS,
     STEP_SLOTS,
     Curriculum,
@@ -26,6 +28,7 @@ from train.demo import (
     snapped,
 )
 from train.examples import END_OF_TURN
+from train.heldout import informative_position
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +39,8 @@ def _sha256(path: Path) -> str:
 
 def _train(out: Path, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "engine.cli", "train", "demo", "--out", str(out), "--steps", "2",
-               "--vision-steps", "2", "--lora-steps", "2", "--lora-rows", "4", "--threads", "1", *options]  # fmt: skip
+               "--find-steps", "2", "--vision-steps", "2", "--lora-steps", "2", "--lora-rows", "4", "--threads", "1",
+               *options]  # fmt: skip
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -50,10 +54,16 @@ def test_train_demo_runs_and_is_reproducible(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "training.png").is_file()
     assert not (tmp_path / "a" / "lora-data").exists()  # the LoRA's synthetic rows are not left behind
     record = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert len(record["vision_loss"]) == 2
+    losses = record["losses"]
+    assert [len(losses[name]) for name in ("vision tower (stage 0)", MIX_PHASE.name, FIND_PHASE.name)] == [
+        2,
+        2,
+        2,
+    ]
+    assert len(losses["perception LoRA"]) == 2
     assert set(record["vision_accuracy"]) == {"colour", "shape", "x", "y", "box"}
     heldout = record["heldout"]
-    assert heldout["steps"] == [0, 2]  # the first step and the end
+    assert heldout["steps"] == [0, 4]  # the first step and the end of both phases
     assert set(heldout["losses"][0]) == set(heldout["chance"]) == {slot.name for slot in HELDOUT_SLOTS}
 
 
@@ -78,6 +88,42 @@ def test_a_step_is_the_fixed_mix_and_deterministic(demo_data: DemoData) -> None:
     assert len(batch) == 2 * len(STEP_SLOTS)
     assert [s.prompt.token_ids for s in batch] == [s.prompt.token_ids for s in again]
     assert [s.prompt.token_ids for s in batch] != [s.prompt.token_ids for s in demo_data.step(4)]
+
+
+def test_the_find_phase_is_mostly_localization_among_the_benchmarks_distractors(demo_data: DemoData) -> None:
+    assert demo_data.curriculum.objects(0, demo_data.steps) == (1, 1)  # the mixed phase starts alone ...
+    step = demo_data.step(0, FIND_PHASE)  # ... the find phase never does
+    assert [s.prompt.token_ids for s in step] == [s.prompt.token_ids for s in demo_data.step(0, FIND_PHASE)]
+    assert [s.prompt.token_ids for s in step] != [s.prompt.token_ids for s in demo_data.step(0, MIX_PHASE)]
+    perceive = [s for s in step if s.look_at]
+    assert len(perceive) == len(FIND_PHASE.scenes) > len(step) / 2
+    image_tokens = [int(s.prompt.image_mask.sum()) for s in perceive]
+    assert min(image_tokens) < max(image_tokens)  # views at 256 and 512 px
+    assert FIND_PHASE.guide.find > 0 and FIND_PHASE.guide.everywhere == 0
+    assert MIX_PHASE.guide.find == 0
+
+
+def test_find_through_ends_at_the_first_coordinate_digit_of_shape_questions(demo_data: DemoData) -> None:
+    """The find term covers the target's tokens up to the first digit of the first coordinate, and only
+    where the question names the target by its colour (a 256-px view hardly shows a shape)."""
+    rng = np.random.default_rng(2)
+    perceive, reason = STEP_SLOTS[0]
+    tokenizer = demo_data.torch_family.tokenizer
+    for kind in ("shape", "color"):
+        scene = sample_scene(rng, 2048, 1536, 4, kind=kind)
+        sequence = demo_data.sequence(perceive, scene, render(scene), rng)
+        assert demo_data.sequence(reason, scene, render(scene), rng).find_through == 0
+        if kind == "color":
+            assert sequence.find_through == 0
+            continue
+        start = len(sequence.prompt.token_ids) - sequence.n_target
+        first_digit = sequence.prompt.token_ids[start + sequence.find_through - 1]
+        assert start + sequence.find_through - 1 == informative_position(sequence, tokenizer, grounding=True)
+        assert tokenizer.decode([first_digit]).isdigit()
+        written_before = tokenizer.decode(
+            sequence.prompt.token_ids[start : start + sequence.find_through - 1]
+        )
+        assert written_before.endswith("[") and "bbox_2d" in written_before
 
 
 def test_perceive_targets_are_the_family_grounding_of_the_target(demo_data: DemoData) -> None:
