@@ -9,8 +9,9 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= export,onnx,llama,eval,serve,ray,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-DEMO_MODEL := models/tiny-qwen3vl
-DEMO_BUNDLE := models/tiny-qwen3vl-onnx
+# the committed demo checkpoint (sparc-engine train demo); its ONNX bundle is derived from it
+DEMO_MODEL := demo/qwen3vl
+DEMO_BUNDLE := models/demo-qwen3vl-onnx
 
 .PHONY: demo test lint clean
 
@@ -21,9 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/sparc-engine export tiny --out $(DEMO_MODEL)
-	test -f $(DEMO_BUNDLE)/manifest.yaml || $(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --out $(DEMO_BUNDLE)
+$(DEMO_BUNDLE)/manifest.yaml: $(STAMP) $(DEMO_MODEL)/model.safetensors $(DEMO_MODEL)/perception-lora/adapter_model.safetensors
+	rm -rf $(DEMO_BUNDLE)
+	$(BIN)/sparc-engine export onnx --model $(DEMO_MODEL) --perception-lora $(DEMO_MODEL)/perception-lora --out $(DEMO_BUNDLE)
+
+demo: $(DEMO_BUNDLE)/manifest.yaml
 	$(BIN)/sparc-engine run specs/demo.yaml --save-viz out/demo.png
 
 lint: $(STAMP)
