@@ -20,7 +20,7 @@ the model for all attention weights costs about half a step more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,5 +114,5 @@ class AttentionGuide:
         return masses
 
 
-def _mean_surprise(masses: Sequence[torch.Tensor] | Any) -> torch.Tensor:
+def _mean_surprise(masses: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([-torch.log(m + 1e-6).flatten() for m in masses]).mean()
