@@ -53,9 +53,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=1600,
-        help="optimizer steps of the base model's first phase (16 sequences each, a 17th every fourth step)",
+        help="optimizer steps of the first (mixed) phase: 16 sequences each, a 17th every fourth step",
     )
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the base model")
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="peak learning rate of the first (mixed) phase"
+    )
     parser.add_argument(
         "--find-steps",
         type=int,
