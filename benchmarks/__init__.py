@@ -27,6 +27,18 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", type=Path, help="its ONNX bundle (default: exported into --out)")
     parser.add_argument("--gguf", type=Path, help="its GGUF bundle (default: exported into --out)")
     parser.add_argument(
+        "--onnx-quant",
+        metavar="LIST",
+        help="ONNX bundles to export and run, each a row of its own: of fp32,fp16,int8,int4,int8-a8,int4-a8 "
+        "(default: fp32 on a CPU, fp16 on a GPU; ignored with --onnx)",
+    )
+    parser.add_argument(
+        "--gguf-quant",
+        metavar="LIST",
+        help="GGUF bundles for llamacpp and chat_handler, each a row of its own: of f32,f16,q8_0,q4_k_m "
+        "(default: f32 on a CPU, f16 on a GPU; ignored with --gguf)",
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda for the GPU shapes (fp16 bundles), else cpu"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "out/bench", help="models, bundles, reports")

@@ -4,10 +4,12 @@ and llama-cpp-python's own chat handler, in one run, with every figure also a ra
     sparc-engine bench --shape tiny --resolutions 64 --rollouts 1,2 --max-new-tokens 4 --repeats 1
     sparc-engine bench --shape 65m --repeats 1            # 256 px and full resolution, N = 1 and 8
     sparc-engine bench --shape 4b                         # fp16 on a CUDA GPU; skipped without one
+    sparc-engine bench --shape 65m --onnx-quant fp32,int4 --gguf-quant f32,q8_0   # quantized bundles too
 
 Builds the random checkpoint of --shape (or takes --model), exports it to ONNX (fp32; fp16 on a GPU) and
-GGUF (f32; f16 on a GPU) once into --out, then runs every pipeline on every workload in a process of its
-own (benchmarks/pipelines.py), so that each peak resident memory is one pipeline's. Writes
+GGUF (f32; f16 on a GPU) once into --out, or in each quantization of --onnx-quant and --gguf-quant (a row
+per bundle), then runs every pipeline on every workload in a process of its own (benchmarks/pipelines.py),
+so that each peak resident memory is one pipeline's. Writes
 OUT/SHAPE/bench.json and bench.md and prints the markdown. Not a test: the times depend on the machine.
 """
 
@@ -21,6 +23,7 @@ import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from benchmarks.pipelines import Figures, Job, Workload, figures_from_json
 from benchmarks.shapes import SHAPES, sizes
 from benchmarks.workload import write_report
 from engine.errors import UserError
+from export import GGUF_QUANTS, ONNX_QUANTS
 
 # figures given as a ratio to the naive pipeline's (reused tokens are not: the naive pipeline reuses none)
 RATIO_KEYS = (
@@ -60,11 +64,42 @@ GPU_BANDWIDTH = (
 NEEDS_LLAMA = ("llamacpp", "chat_handler")
 
 
+# the export options of each quantization a bundle may be asked in
+ONNX_EXPORTS = {
+    "fp32": ["--dtype", "fp32"],
+    "fp16": ["--dtype", "fp16"],
+    **{quant: ["--dtype", "fp32", "--quant", quant] for quant in ONNX_QUANTS},
+}
+GGUF_EXPORTS = {quant: ["--quant", quant] for quant in GGUF_QUANTS}
+# bytes a decode step reads per text weight in each quantization, block scales included (int8/int4:
+# MatMulNBits, an fp32 scale per 32 weights; q8_0: 34 bytes per 32; q4_k_m: about 4.85 bits a weight)
+BYTES_PER_WEIGHT = {
+    "fp32": 4.0,
+    "f32": 4.0,
+    "fp16": 2.0,
+    "f16": 2.0,
+    "int8": 1.125,
+    "int8-a8": 1.125,
+    "q8_0": 34 / 32,
+    "int4": 0.625,
+    "int4-a8": 0.625,
+    "q4_k_m": 4.85 / 8,
+}
+
+
 @dataclass(frozen=True)
 class Models:
     checkpoint: Path
-    onnx: Path | None  # None when no pipeline runs it
-    gguf: Path | None
+    onnx: dict[str, Path]  # quantization -> bundle; empty when no pipeline runs one
+    gguf: dict[str, Path]
+
+    def bundles(self, pipeline: str) -> dict[str, tuple[str, str]]:
+        """The bundles a pipeline runs, each a row: label -> (onnx, gguf) paths of its Job."""
+        if pipeline == "onnx":
+            return {quant: (str(path), "") for quant, path in self.onnx.items()}
+        if pipeline in NEEDS_LLAMA:
+            return {quant: ("", str(path)) for quant, path in self.gguf.items()}
+        return {"": ("", "")}  # naive and torch_ref run the checkpoint
 
 
 @dataclass
@@ -72,6 +107,7 @@ class Row:
     workload: Workload
     pipeline: str
     figures: Figures | None
+    bundle: str = ""  # the bundle's quantization (fp32, int4, q8_0, ...) where the pipeline runs one
     error: str = ""  # why a pipeline has no figures
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # figure / naive's
     bandwidth_fraction: float | None = None  # decode tokens/s over the memory-bandwidth bound (GPU)
@@ -124,21 +160,42 @@ def _export(checkpoint: Path, bundle: Path, fmt: str, options: list[str]) -> Pat
     return bundle
 
 
+def _quants(text: str | None, default: str, known: dict[str, list[str]], option: str) -> list[str]:
+    asked = _list(text) if text else [default]
+    unknown = sorted(set(asked) - set(known))
+    if unknown:
+        raise UserError(f"{option}: unknown {', '.join(unknown)} (have: {', '.join(known)})")
+    return list(dict.fromkeys(asked))
+
+
+def bundle_quant(bundle: Path) -> str:
+    """A given bundle's quantization, from its manifest: the row label of its pipelines."""
+    from runtimes.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    return (manifest.model.get("quant") or {}).get("method") or manifest.dtype
+
+
 def prepare(args: argparse.Namespace, out: Path, gpu: bool, run: list[str]) -> Models:
     """The checkpoint and the bundles the pipelines in `run` need: given, or built and exported once."""
+    onnx_quants = _quants(args.onnx_quant, "fp16" if gpu else "fp32", ONNX_EXPORTS, "--onnx-quant")
+    gguf_quants = _quants(args.gguf_quant, "f16" if gpu else "f32", GGUF_EXPORTS, "--gguf-quant")
     if args.model:
         checkpoint = args.model
     else:
         from export.tiny import build_tiny_qwen3vl_cached
 
         checkpoint = build_tiny_qwen3vl_cached(out, seed=args.seed, sizes=sizes(args.shape))
-    onnx_dtype, gguf_quant = ("fp16", "f16") if gpu else ("fp32", "f32")
-    onnx = args.onnx
-    if onnx is None and "onnx" in run:
-        onnx = _export(checkpoint, out / f"onnx-{onnx_dtype}", "onnx", ["--dtype", onnx_dtype])
-    gguf = args.gguf
-    if gguf is None and any(p in NEEDS_LLAMA for p in run):
-        gguf = _export(checkpoint, out / f"gguf-{gguf_quant}", "gguf", ["--quant", gguf_quant])
+    onnx: dict[str, Path] = {}
+    if args.onnx:
+        onnx = {bundle_quant(args.onnx): args.onnx}
+    elif "onnx" in run:
+        onnx = {q: _export(checkpoint, out / f"onnx-{q}", "onnx", ONNX_EXPORTS[q]) for q in onnx_quants}
+    gguf: dict[str, Path] = {}
+    if args.gguf:
+        gguf = {bundle_quant(args.gguf): args.gguf}
+    elif any(p in NEEDS_LLAMA for p in run):
+        gguf = {q: _export(checkpoint, out / f"gguf-{q}", "gguf", GGUF_EXPORTS[q]) for q in gguf_quants}
     return Models(checkpoint, onnx, gguf)
 
 
@@ -150,6 +207,8 @@ def run_pipeline(job: Job, timeout: float) -> tuple[Figures | None, str]:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return None, f"took over {timeout:.0f} s"
+    if done.returncode < 0:  # the library crashed (llama.cpp's AMX kernels can, see the README)
+        return None, f"crashed: {signal.Signals(-done.returncode).name}"
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         return None, lines[-1]
@@ -178,10 +237,10 @@ def gpu_bandwidth(args: argparse.Namespace) -> tuple[str, float | None]:
     return name, next((gbs for known, gbs in GPU_BANDWIDTH if known in name), None)
 
 
-def text_weight_bytes(checkpoint: Path, bytes_per_weight: int) -> int:
+def text_weight_bytes(checkpoint: Path, bytes_per_weight: float) -> float:
     """Bytes of the language model's weights at bytes_per_weight each: what one decode step reads (the
     vision tower is not run while decoding). From the safetensors headers, without loading tensors."""
-    total = 0
+    total = 0.0
     for path in checkpoint.glob("*.safetensors"):
         with path.open("rb") as handle:
             header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
@@ -194,13 +253,15 @@ def text_weight_bytes(checkpoint: Path, bytes_per_weight: int) -> int:
     return total
 
 
-def bandwidth_bound(checkpoint: Path, figures: Figures, workload: Workload, gbs: float) -> float:
-    """Decode tokens/s if every step only read the weights and the KV of its N sequences at gbs (fp16)."""
+def bandwidth_bound(
+    checkpoint: Path, figures: Figures, workload: Workload, gbs: float, bytes_per_weight: float
+) -> float:
+    """Decode tokens/s if every step only read the text weights and the fp16 KV of its N sequences at gbs."""
     text = json.loads((checkpoint / "config.json").read_text())["text_config"]
     kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * 2
     prompt = (figures.prompt_tokens + figures.reused_tokens) / workload.rollouts
     context = prompt + workload.max_new_tokens / 2  # the average length a step attends to
-    step_bytes = text_weight_bytes(checkpoint, 2) + workload.rollouts * context * kv_per_token
+    step_bytes = text_weight_bytes(checkpoint, bytes_per_weight) + workload.rollouts * context * kv_per_token
     return workload.rollouts * gbs * 1e9 / step_bytes
 
 
@@ -244,7 +305,8 @@ def markdown(rows: list[Row], header: str, gpu: bool) -> str:
                 _cell(row, "peak_rss_mb", " MB"),
                 _cell(row, "cold_start_ms", " ms"),
             ]
-        lines.append(f"| {row.workload.name} | {row.pipeline} | " + " | ".join(cells) + " |")
+        pipeline = f"{row.pipeline} {row.bundle}".strip()
+        lines.append(f"| {row.workload.name} | {pipeline} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,30 +336,34 @@ def bench_command(args: argparse.Namespace) -> int:
     rows = []
     for workload in workloads(args):
         for pipeline in run:
-            job = Job(
-                pipeline=pipeline,
-                model=str(models.checkpoint),
-                onnx=str(models.onnx or ""),
-                gguf=str(models.gguf or ""),
-                device="cuda" if gpu else "cpu",
-                threads=threads,
-                image=str(args.image),
-                question=args.question,
-                workload=workload,
-                repeats=args.repeats,
-                spawned_at=0.0,
-            )
-            figures, error = run_pipeline(job, args.timeout)
-            rows.append(Row(workload, pipeline, figures, error))
-            print(f"bench: {workload.name}, {pipeline}: {error or 'done'}", file=sys.stderr)
-        rows += [Row(workload, pipeline, None, why) for pipeline, why in skipped.items()]
+            for quant, (onnx, gguf) in models.bundles(pipeline).items():
+                job = Job(
+                    pipeline=pipeline,
+                    model=str(models.checkpoint),
+                    onnx=onnx,
+                    gguf=gguf,
+                    device="cuda" if gpu else "cpu",
+                    threads=threads,
+                    image=str(args.image),
+                    question=args.question,
+                    workload=workload,
+                    repeats=args.repeats,
+                    spawned_at=0.0,
+                )
+                figures, error = run_pipeline(job, args.timeout)
+                rows.append(Row(workload, pipeline, figures, bundle=quant, error=error))
+                label = f"{pipeline} {quant}".strip()
+                print(f"bench: {workload.name}, {label}: {error or 'done'}", file=sys.stderr)
+        rows += [Row(workload, pipeline, None, error=why) for pipeline, why in skipped.items()]
     add_ratios(rows)
     device = _cpu_name() + f", {threads} threads"
     if gpu:
         device, gbs = gpu_bandwidth(args)
         for row in rows:
             if row.figures and gbs:
-                bound = bandwidth_bound(models.checkpoint, row.figures, row.workload, gbs)
+                # the checkpoint's pipelines (naive, torch_ref) run it in fp16
+                weight = BYTES_PER_WEIGHT.get(row.bundle, 2.0)
+                bound = bandwidth_bound(models.checkpoint, row.figures, row.workload, gbs, weight)
                 row.bandwidth_fraction = round(row.figures.decode_tokens_per_s / bound, 4)
     header = (
         f"{args.model or args.shape} on {device}, {date.today()}: perceive stage, {args.max_new_tokens} tokens "

@@ -1,10 +1,12 @@
-"""ONNX weight quantization: size, speed and logit drift of int8 and int4 bundles against fp32, one run.
+"""ONNX weight quantization: size, speed and logit drift of every --quant scheme against fp32, one run.
 
     python benchmarks/quant.py                        # the tiny test model, built offline
     python benchmarks/quant.py --shape 65m            # a ~65M random Qwen3-VL of the real architecture
     python benchmarks/quant.py --model models/qwen3vl-2b --resolution 512
+    python benchmarks/quant.py --model demo/qwen3vl --image examples/shapes.png \
+        --question "What shape is the green object?"       # the trained demo model
 
-Exports the checkpoint three times (`sparc-engine export onnx`, then with `--quant int8` and `--quant int4`;
+Exports the checkpoint once per VARIANTS entry (`sparc-engine export onnx`, then with each `--quant`;
 needs the export extra) and runs each bundle on the same prompts (image + question, --resolution px):
 
 - size: the graph files of the base variant;
@@ -40,8 +42,8 @@ from export.tiny import build_tiny_qwen3vl_cached  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.protocol import Sampling  # noqa: E402
 
-VARIANTS = ("fp32", "int8", "int4")
-ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9)]  # the prompts' images: crops of examples/street.png
+VARIANTS = ("fp32", "int8", "int4", "int8-a8", "int4-a8")
+ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9)]  # the prompts' images: crops of --image
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "out/quant", help="bundles and reports")
     parser.add_argument("--resolution", type=int, default=256, help="image view, longest side in pixels")
+    parser.add_argument(
+        "--image", type=Path, default=ROOT / "examples/street.png", help="the prompts' picture"
+    )
+    parser.add_argument("--question", default="What colour is the car?")
     parser.add_argument("--images", type=int, default=4, choices=range(1, len(ASPECTS) + 1), help="prompts")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens decoded per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
@@ -77,16 +83,16 @@ def export_bundles(model: Path, out: Path) -> dict[str, Path]:
 
 
 def prompts(runtime: OnnxRuntime, args: argparse.Namespace) -> list[list]:
-    """One image prompt per aspect ratio: a crop of examples/street.png at --resolution, and a question."""
+    """One image prompt per aspect ratio: a crop of --image at --resolution, and --question."""
     family = family_for(runtime.info.architecture, runtime.info.image)
-    street = Image.open(ROOT / "examples/street.png").convert("RGB")
+    picture = Image.open(args.image).convert("RGB")
     found = []
     for index, (w, h) in enumerate(ASPECTS[: args.images]):
-        scale = min(street.width / w, street.height / h)
+        scale = min(picture.width / w, picture.height / h)
         image = family.prepare_image(
-            street.crop((0, 0, int(w * scale), int(h * scale))), args.resolution, f"q{index}"
+            picture.crop((0, 0, int(w * scale), int(h * scale))), args.resolution, f"q{index}"
         )
-        found.append([*family.image_prefix(image), *family.question_suffix("What colour is the car?")])
+        found.append([*family.image_prefix(image), *family.question_suffix(args.question)])
     return found
 
 
@@ -146,6 +152,7 @@ def compare(row: dict, fp32: dict) -> dict:
         "drift_mean": round(float(np.mean([d.mean() for d in diffs])), 4),
         "logit_span": round(float(np.mean([np.ptp(x) for x in fp32["logits"]])), 2),
         "greedy_tokens_matching": greedy,  # per prompt: leading greedy tokens equal to fp32's
+        "greedy_tokens_fp32": [len(tokens) for tokens in fp32["tokens"]],  # fewer than --tokens at an end
     }
 
 
@@ -157,12 +164,14 @@ def markdown(rows: dict[str, dict], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        matches = "/".join(str(n) for n in row["greedy_tokens_matching"])
+        matches = ", ".join(
+            f"{n} of {total}" for n, total in zip(row["greedy_tokens_matching"], row["greedy_tokens_fp32"])
+        )
         lines.append(
             f"| {name} | {row['graph_mb']:.1f} MB ({row['size_ratio']:.2f}x) | {row['prefill_ms']:.0f} ms "
             f"({row['prefill_ratio']:.2f}x) | {row['decode_ms_per_token']:.1f} ms/token "
             f"({row['decode_ratio']:.2f}x) | {row['drift_max']:.3f} / {row['drift_mean']:.3f} "
-            f"({row['logit_span']:.1f}) | {matches} of {args.tokens} |"
+            f"({row['logit_span']:.1f}) | {matches} |"
         )
     return "\n".join(lines) + "\n"
 

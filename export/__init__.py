@@ -12,6 +12,10 @@ from pathlib import Path
 
 from engine.commands import Command
 
+# --quant of `export onnx`: the schemes of export/onnx/quantize.py (named here so the CLI needs no onnx)
+ONNX_QUANTS = ("int8", "int4", "int8-a8", "int4-a8")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")  # --quant of `export gguf`
+
 
 def _tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
@@ -35,9 +39,10 @@ def _onnx_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quant",
-        choices=("int8", "int4"),
-        help="weight-only quantization of the MatMul weights (onnxruntime's MatMulNBits; activations stay "
-        "fp32; needs onnxruntime); default: none",
+        choices=ONNX_QUANTS,
+        help="quantize the MatMul weights (onnxruntime's MatMulNBits; needs onnxruntime): int8, int4 "
+        "multiply in fp32; int8-a8, int4-a8 quantize the activations to int8 on the fly on a CPU, the fast "
+        "ones there (README: Quantized ONNX bundles); default: none",
     )
 
 
@@ -45,7 +50,7 @@ def _gguf_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser, "PEFT adapter merged into a separate 'perception' text GGUF")
     parser.add_argument(
         "--quant",
-        choices=("f32", "f16", "q8_0", "q4_k_m"),
+        choices=GGUF_QUANTS,
         default="f16",
         help="text weights (the vision projector stays f16, f32 with f32); q4_k_m needs llama-cpp-python",
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from export import ONNX_QUANTS
 from runtimes.protocol import Generation, Image, ImageConfig, ModelInfo, Prefix, Sampling, Segment, Text
 
 # CI explores the same examples on every run, so a result never depends on the draw; locally they vary.
@@ -75,9 +76,9 @@ def tiny_molmo2_onnx(
 def tiny_qwen3vl_onnx_as(
     tiny_qwen3vl: Path, tiny_qwen3vl_lora: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], Path]:
-    """fp16, int8 or int4 -> the tiny model's ONNX bundle in that precision (`--dtype fp16`, `--quant
-    int8|int4`), perception variant included, each exported once per session on first use."""
-    options = {"fp16": ("--dtype", "fp16"), "int8": ("--quant", "int8"), "int4": ("--quant", "int4")}
+    """fp16 or a --quant scheme -> the tiny model's ONNX bundle in that precision (`--dtype fp16`, `--quant
+    int8|int4|int8-a8|int4-a8`), perception variant included, each exported once per session on first use."""
+    options = {"fp16": ("--dtype", "fp16"), **{quant: ("--quant", quant) for quant in ONNX_QUANTS}}
     found: dict[str, Path] = {}
 
     def bundle(kind: str) -> Path:

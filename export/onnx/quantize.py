@@ -1,4 +1,4 @@
-"""Weight-only quantization of an exported bundle's graphs: `sparc-engine export onnx --quant int8|int4`.
+"""Weight quantization of an exported bundle's graphs: `sparc-engine export onnx --quant int8|int4|int8-a8|int4-a8`.
 
 Both schemes go through onnxruntime's `MatMulNBits` quantizer (onnxruntime.quantization.matmul_nbits_quantizer):
 every MatMul with a constant weight becomes a com.microsoft `MatMulNBits` node holding that weight as
@@ -15,8 +15,14 @@ block-wise scales that follow the weight's local range, and int8 and int4 then d
 
 The price, measured on CPU with onnxruntime 1.32 (benchmarks/quant.py, ~65M model): its MatMulNBits kernel
 has a fast fp32-compute path for 4 bits but not for 8, so int8 decodes 5-7x slower than fp32 while int4
-decodes about 2x faster. accuracy_level 4 would make int8 fast on CPU (0.55x fp32's decode time) by quantizing
-the activations to int8 block by block, at 1.5x the logit drift: not what int8 is for here.
+decodes about 2x faster one sequence at a time; with 8 rollouts decoded together int4 is no faster than
+fp32 (the step is bound by the multiplications, not by reading the weights).
+
+Hence the `-a8` schemes: the same weights, with the nodes' accuracy_level 4, which makes onnxruntime's CPU
+kernel quantize each block of activations to int8 at run time and multiply in int8 (VNNI/AMX where the
+CPU has them). They are no longer weight-only in their arithmetic and drift more, but they are the
+quantized bundles that run faster than fp32 on a CPU, rollouts included (README, Quantized ONNX bundles).
+Other execution providers ignore accuracy_level and compute as the plain schemes do.
 
 What stays fp32: the vision tower (its linear layers are `Gemm` on the 2-D patch matrix, which the
 quantizer leaves alone; the GGUF bundles likewise keep their vision projector f16, since what the model
@@ -43,17 +49,29 @@ QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
 
 @dataclass(frozen=True)
+class Scheme:
+    bits: int
+    accuracy_level: int | None  # MatMulNBits' compute type on CPU: None = fp32, 4 = int8
+
+
+SCHEMES = {
+    "int8": Scheme(8, None),
+    "int4": Scheme(4, None),
+    "int8-a8": Scheme(8, 4),
+    "int4-a8": Scheme(4, 4),
+}
+
+
+@dataclass(frozen=True)
 class Quantization:
     """What the manifest records under model.quant."""
 
-    method: str  # int8 | int4, as --quant
+    method: str  # as --quant
     bits: int
     block_size: int
     symmetric: bool
     nodes: dict[str, int]  # graph file -> nodes quantized in it
-
-
-BITS = {"int8": 8, "int4": 4}
+    accuracy_level: int | None = None
 
 
 def quantize_graphs(bundle: Path, files: list[str], method: str) -> Quantization:
@@ -64,7 +82,8 @@ def quantize_graphs(bundle: Path, files: list[str], method: str) -> Quantization
         raise RuntimeInputError("--quant needs onnxruntime: pip install 'sparc-engine[onnx]'") from None
     import onnx
 
-    bits = BITS[method]
+    scheme = SCHEMES[method]
+    bits = scheme.bits
     # it logs every node it visits at INFO and each opset bump at WARNING; the manifest says what it did
     logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.ERROR)
     nodes = {}
@@ -77,6 +96,7 @@ def quantize_graphs(bundle: Path, files: list[str], method: str) -> Quantization
             bits=bits,
             block_size=BLOCK_SIZE,
             is_symmetric=True,
+            accuracy_level=scheme.accuracy_level,
             op_types_to_quantize=("Gather",) if lookups_only and bits == 4 else ("MatMul",),
         )
         with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: scale 0, handled by it
@@ -91,4 +111,11 @@ def quantize_graphs(bundle: Path, files: list[str], method: str) -> Quantization
         external.unlink(missing_ok=True)
         # a quantized graph is smaller than its source: inline stays inline, past 2 GB stays external
         save_graph(quantized, path, external=had_external)
-    return Quantization(method=method, bits=bits, block_size=BLOCK_SIZE, symmetric=True, nodes=nodes)
+    return Quantization(
+        method=method,
+        bits=bits,
+        block_size=BLOCK_SIZE,
+        symmetric=True,
+        nodes=nodes,
+        accuracy_level=scheme.accuracy_level,
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import RATIO_KEYS
+from benchmarks.bench import RATIO_KEYS, bundle_quant
 from tests.support import ROOT, heavy_imports
 
 TOKENS = 3
@@ -102,3 +102,33 @@ def test_a_gpu_shape_without_a_gpu_is_skipped_with_a_message(tmp_path: Path) -> 
 
 def test_the_cli_offers_bench_without_importing_torch() -> None:
     assert heavy_imports("benchmarks") == []
+
+
+def test_each_quantized_bundle_is_a_row_of_its_own(tmp_path: Path) -> None:
+    done = bench(
+        "--shape", "tiny", "--out", str(tmp_path), "--pipelines", "naive,onnx,llamacpp",
+        "--onnx-quant", "fp32,int4", "--gguf-quant", "f32,q8_0", "--resolutions", "64", "--rollouts", "2",
+        "--max-new-tokens", str(TOKENS), "--repeats", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "tiny/bench.json").read_text())["rows"]
+    labels = {(row["pipeline"], row["bundle"]) for row in rows}
+    expected = {("naive", ""), ("onnx", "fp32"), ("onnx", "int4")}
+    if any(row["pipeline"] == "llamacpp" and row["figures"] for row in rows):
+        expected |= {("llamacpp", "f32"), ("llamacpp", "q8_0")}
+    assert expected <= labels
+    naive = next(row["figures"] for row in rows if row["pipeline"] == "naive")
+    for row in rows:
+        if row["figures"]:  # the same work, in every bundle
+            assert row["figures"]["generated_tokens"] == 2 * TOKENS
+            assert row["figures"]["visual_tokens"] == naive["visual_tokens"]
+    table = (tmp_path / "tiny/bench.md").read_text()
+    assert "| onnx int4 |" in table and "| onnx fp32 |" in table
+    assert bundle_quant(tmp_path / "tiny/onnx-int4") == "int4"  # how a bundle given by --onnx is labelled
+
+
+def test_an_unknown_quantization_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    done = bench("--shape", "tiny", "--out", str(tmp_path), "--onnx-quant", "int3")
+    assert done.returncode != 0
+    assert "--onnx-quant: unknown int3" in done.stderr
+    assert not list(tmp_path.iterdir())

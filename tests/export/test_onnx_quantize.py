@@ -1,10 +1,12 @@
-"""`sparc-engine export onnx --quant int8|int4` on the tiny Qwen3-VL: the manifest, smaller graphs, logits
+"""`sparc-engine export onnx --quant int8|int4|int8-a8|int4-a8` on the tiny Qwen3-VL: the manifest, smaller graphs, logits
 close to the fp32 bundle's, and the pipeline on the quantized bundle.
 
 Drift, measured here against the fp32 bundle of the same checkpoint (last-token logits of the test's
 prompts, 64x64 to 256x256 px, base and perception variants; the logits span 5-7): int8 0.05-0.074 max
-abs, int4 0.89-1.20. The tiny model's random weights (std 0.08, no structure) are the hard case for 4 bits:
-a block of 32 such weights gets 15 levels over about 4 standard deviations. The tests allow 0.15 and 2.0.
+abs, int4 0.89-1.20, int8-a8 0.08-0.17, int4-a8 0.94-1.20 (the activations' int8 rounding adds to int8's
+and vanishes in int4's). The tiny model's random weights (std 0.08, no structure) are the hard case for 4
+bits: a block of 32 such weights gets 15 levels over about 4 standard deviations. The tests allow 0.15,
+2.0, 0.26 and 2.0.
 Decode steps drift about as much (max / mean |logit - fp32 logit| over 16 steps: int8 0.12 / 0.017, int4
 1.97 / 0.30; tests/runtimes/onnx/test_quantized_decoding.py), so greedy tokens leave fp32's within a few
 steps: the greedy pipeline is checked against fp32's with fixed groundings, and with the model's own for
@@ -24,13 +26,15 @@ onnx = pytest.importorskip("onnx")
 
 from engine.cli import main  # noqa: E402
 from engine.families import family_for  # noqa: E402
+from export import ONNX_QUANTS  # noqa: E402
+from export.onnx.quantize import SCHEMES  # noqa: E402
 from runtimes.bundle import read_manifest, verify  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from tests.parity.models import MODELS, Case  # noqa: E402
 from tests.parity.pipelines import assert_reuse_changes_only_the_accounting, pipeline_spec  # noqa: E402
 from tests.support import FixedGrounding, picture, timeless_result, without_texts  # noqa: E402
 
-DRIFT = {"int8": 0.15, "int4": 2.0}
+DRIFT = {"int8": 0.15, "int4": 2.0, "int8-a8": 0.26, "int4-a8": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +62,28 @@ def test_manifest_records_the_quantization(bundles, quant) -> None:
     assert manifest.dtype == "fp32"  # the graphs' inputs and outputs
     assert read_manifest(bundles["fp32"]).model["quant"] is None
     record = manifest.model["quant"]
-    assert (record["method"], record["bits"], record["symmetric"]) == (quant, int(quant[3:]), True)
+    scheme = SCHEMES[quant]
+    assert (record["method"], record["bits"], record["symmetric"]) == (quant, scheme.bits, True)
+    assert record["accuracy_level"] == scheme.accuracy_level
     fp32 = bundles["fp32"]
     assert record["nodes"] == {
         "base/vision.onnx": 0,  # Gemm layers: left as exported
-        "base/embed.onnx": int(quant == "int4"),  # the table, as GatherBlockQuantized
+        "base/embed.onnx": int(scheme.bits == 4),  # the table, as GatherBlockQuantized
         "base/decoder.onnx": weight_matmuls(fp32 / "base/decoder.onnx"),
         "perception/decoder.onnx": weight_matmuls(fp32 / "perception/decoder.onnx"),
     }
     decoder = onnx.load(str(bundles[quant] / "base/decoder.onnx"))
     assert weight_matmuls(bundles[quant] / "base/decoder.onnx") == 0
-    bits = {
-        a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
-    }
-    assert bits == {record["bits"]}
+    attributes = [
+        {a.name: a.i for a in n.attribute} for n in decoder.graph.node if n.op_type == "MatMulNBits"
+    ]
+    assert {a["bits"] for a in attributes} == {record["bits"]}
+    # unset (0) multiplies in fp32; 4 quantizes the activations to int8 on a CPU
+    assert {a.get("accuracy_level", 0) for a in attributes} == {scheme.accuracy_level or 0}
+
+
+def test_the_cli_offers_every_scheme() -> None:
+    assert set(ONNX_QUANTS) == set(SCHEMES)
 
 
 def test_quantized_graphs_are_smaller(bundles) -> None:
