@@ -1,10 +1,11 @@
-"""Weight quantization of an exported bundle's graphs: `sparc-engine export onnx --quant int8|int4|int8-a8|int4-a8`.
+"""Weight quantization of an exported bundle's graphs: `sparc-engine export onnx --quant SCHEME`.
 
-Both schemes go through onnxruntime's `MatMulNBits` quantizer (onnxruntime.quantization.matmul_nbits_quantizer):
+Every scheme goes through onnxruntime's `MatMulNBits` quantizer (onnxruntime.quantization.matmul_nbits_quantizer):
 every MatMul with a constant weight becomes a com.microsoft `MatMulNBits` node holding that weight as
 8- or 4-bit integers in blocks of BLOCK_SIZE input rows, one fp32 scale per block (symmetric: no zero
-points). Activations stay fp32: the kernel dequantizes a block of the weight and multiplies in float
-(accuracy_level is left unset, which means fp32 compute).
+points). With int8 and int4 the activations stay fp32: the kernel dequantizes a block of the weight and
+multiplies in float (accuracy_level is left unset, which means fp32 compute); the -a8 schemes below differ
+in that one attribute.
 
 Why MatMulNBits for int8 too, rather than `quantize_dynamic`: quantize_dynamic is not weight-only. It
 quantizes each activation to uint8 at run time with one scale per tensor (DynamicQuantizeLinear +
