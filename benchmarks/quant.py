@@ -38,11 +38,12 @@ from benchmarks.shapes import SHAPES, sizes  # noqa: E402
 from benchmarks.workload import write_report  # noqa: E402
 from engine.cli import main as cli  # noqa: E402
 from engine.families import family_for  # noqa: E402
+from export import ONNX_QUANTS  # noqa: E402
 from export.tiny import build_tiny_qwen3vl_cached  # noqa: E402
 from runtimes.onnx import OnnxRuntime  # noqa: E402
 from runtimes.protocol import Sampling  # noqa: E402
 
-VARIANTS = ("fp32", "int8", "int4", "int8-a8", "int4-a8")
+VARIANTS = ("fp32", *ONNX_QUANTS)
 ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9)]  # the prompts' images: crops of --image
 
 

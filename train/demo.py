@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -430,30 +430,30 @@ def train_base(
             model, probes, lambda group: on_device(collate(torch_family, group), device), MICRO_BATCH_TOKENS
         )
 
+    def batches(step: int, sequences_of: Callable[[int], list[TrainingSequence]], done: int) -> list[dict]:
+        """A phase's step `step`; `done` decoder steps came before it (probes and saves count across phases)."""
+        sequences = sequences_of(step)
+        if done + step and (done + step) % save_every == 0:
+            model.save_pretrained(out)
+        if (done + step) % eval_every == 0:
+            heldout.record(done + step, measure())
+        return [
+            on_device(guided_batch(torch_family, group), device)
+            for group in by_length(sequences, MICRO_BATCH_TOKENS)
+        ]
+
     curves = {"vision tower (stage 0)": vision_curve}
-    done = 0  # decoder steps before this phase: the probes and saves count across phases
+    done = 0
     for phase, schedule in (
         (MIX_PHASE, Schedule(steps=steps, lr=lr, warmup=min(100, steps // 10 + 1))),
         (FIND_PHASE, Schedule(steps=find_steps, lr=find_lr, warmup=min(20, find_steps // 10 + 1))),
     ):
         if not schedule.steps:
             continue
-        with prefetched(lambda step, phase=phase: data.step(step, phase), schedule.steps) as sequences_of:
-
-            def batches(step: int, offset: int = done) -> list[dict]:
-                sequences = sequences_of(step)
-                if offset + step and (offset + step) % save_every == 0:
-                    model.save_pretrained(out)
-                if (offset + step) % eval_every == 0:
-                    heldout.record(offset + step, measure())
-                return [
-                    on_device(guided_batch(torch_family, group), device)
-                    for group in by_length(sequences, MICRO_BATCH_TOKENS)
-                ]
-
+        with prefetched(partial(data.step, phase=phase), schedule.steps) as sequences_of:
             curves[phase.name] = fit(
                 model,
-                batches,
+                partial(batches, sequences_of=sequences_of, done=done),
                 schedule,
                 loss_of=partial(guide.loss, weights=phase.guide),
                 description=phase.name,

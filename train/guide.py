@@ -81,10 +81,11 @@ class AttentionGuide:
         loss = output.loss
         if weights.everywhere:
             loss = loss + weights.everywhere * _mean_surprise(masses.values())
-        find_through = batch.get(FIND_THROUGH, [0] * len(look_at))
-        finding = [masses[row][:, : find_through[row]] for row in rows if find_through[row]]
-        if weights.find and finding:
-            loss = loss + weights.find * _mean_surprise(finding)
+        if weights.find:
+            find_through = batch.get(FIND_THROUGH, [0] * len(look_at))
+            finding = [masses[row][:, : find_through[row]] for row in rows if find_through[row]]
+            if finding:
+                loss = loss + weights.find * _mean_surprise(finding)
         return loss
 
     def masses(
