@@ -4,8 +4,8 @@ No torch or transformers anywhere in its import chain, so a device installs `spa
 It follows the reference runtime step for step: prompts are tokenized and positioned host-side, images go
 through the vision graph and their features are merged into the prompt's embeddings, a prefix is prefilled
 once, and `generate` runs the suffix once, forks the KV into n sequences and decodes them as one batch,
-all n attending to one copy of the prompt's KV and writing their own into buffers in place
-(runtimes/onnx/session.py).
+all n attending to one copy of the prompt's KV (with the suffix, where that holds fewer rows) and writing
+their own into buffers in place (runtimes/onnx/session.py).
 What differs between architectures (tokens and positions, the vision graph's inputs, the decoder's extra
 inputs) sits in an `OnnxRuntimeFamily` (runtimes/onnx/family.py) picked by the manifest's architecture.
 """

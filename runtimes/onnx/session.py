@@ -3,8 +3,9 @@
 The decoder graph (export/onnx/base.py) takes a shared prefix KV (batch 1) besides each sequence's own KV,
 so the n rollouts of a prompt all read its KV in place, one copy, on the host or on the GPU.
 
-Their own KV is a buffer allocated once per `generate` with room for the suffix and every new token. The
-graph writes each chunk's K/V into it at `cache_position`, and the runtime binds the buffer as both the
+Their own KV is a buffer allocated once per `generate` with room for the suffix and every new token; when
+n rollouts fork, the suffix either stays in the buffer, copied to each row, or joins the shared prompt,
+whichever holds fewer KV rows (`DecoderSession.fork`). The graph writes each chunk's K/V into it at `cache_position`, and the runtime binds the buffer as both the
 past input and the present output (IO binding), so onnxruntime writes just the new token's rows into it
 in place: a decode step copies no KV, only the token's embedding in and a row of logits out. On CPU the
 buffers are numpy arrays the binding wraps; on CUDA they are OrtValues on the GPU, where the KV stays.
@@ -175,14 +176,32 @@ class DecoderSession:
     def fork(self, kv: KV, n: int) -> KV:
         """n sequences continuing a batch-1 KV; the input KV is never written.
 
-        A buffer decoder's rows each get a copy of the one sequence's buffer (its suffix and room), once
-        per generate call, while the prompt's KV stays shared. An older decoder with a prefix input takes
-        the whole KV as the shared prefix, by reference, and starts the rows' own past empty; one without
-        gets the KV repeated n times.
+        A buffer decoder takes whichever layout holds fewer KV rows. The rows each get a copy of the one
+        sequence's buffer (its written suffix and the room left): n * (suffix + room) rows. Or the suffix
+        joins the shared prompt, one batch-1 copy of prompt + suffix, and the rows get fresh buffers with
+        the room alone: prompt + suffix + n * room rows, which is fewer when the prompt is shorter than
+        n - 1 suffixes (a 256 px view and a question), and which every step then reads once, not n times.
+        An older decoder with a prefix input takes the whole KV as the shared prefix, by reference, and
+        starts the rows' own past empty; one without gets the KV repeated n times.
         """
         if not self.in_place and self.prefix_names:
             return KV(kv.own, kv.length, self.empty(n), 0, 0)
         if n == 1:
             return kv
-        host = (value if isinstance(value, np.ndarray) else value.numpy() for value in kv.own)
-        return replace(kv, own=[self._place(np.repeat(value, n, axis=0)) for value in host])
+        own = [_on_host(value) for value in kv.own]
+        if not self.in_place or kv.shared_length >= (n - 1) * kv.length:
+            return replace(kv, own=[self._place(np.repeat(value, n, axis=0)) for value in own])
+        prompt = [value[:, :, : kv.length] for value in own]  # the suffix's written slots
+        if kv.shared is not None:
+            prompt = [
+                np.concatenate([_on_host(shared), suffix], axis=2)
+                for shared, suffix in zip(kv.shared, prompt, strict=True)
+            ]
+        room = kv.size - kv.length
+        shared = [self._place(np.ascontiguousarray(value)) for value in prompt]
+        return KV(shared, kv.shared_length + kv.length, self._buffer(n, room), 0, room)
+
+
+def _on_host(value: Any) -> np.ndarray:
+    """A KV tensor as a host array: itself, or a bound OrtValue copied out."""
+    return value if isinstance(value, np.ndarray) else value.numpy()

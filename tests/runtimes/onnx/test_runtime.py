@@ -106,9 +106,10 @@ def bound_to(runtime: OnnxRuntime, device: str) -> OnnxRuntime:
 @pytest.mark.parametrize("bind_device", [None, "cpu"])
 @pytest.mark.parametrize("n", [1, 8])
 def test_decode_steps_copy_no_kv(bundle, n, bind_device) -> None:
-    """The prompt's KV is read in place by every step of the n rollouts (the prefix's own arrays, batch 1,
-    one copy whatever n); their own KV is one buffer per layer, allocated once with room for the suffix
-    and every new token, the same objects on every step, written in place a slot a step, never grown."""
+    """The prompt's KV is read in place by every step of the n rollouts (batch 1, one copy whatever n);
+    their own KV is one buffer per layer, allocated once, the same objects on every step, written in place
+    a slot a step, never grown. The prompt is the prefix's own arrays, or, where that holds fewer rows
+    (`fork`), one copy of prefix + suffix, and then the rows' buffers hold only the new tokens' room."""
     path, resolution = bundle
     runtime = OnnxRuntime(path, device="cpu")
     if bind_device:
@@ -127,22 +128,65 @@ def test_decode_steps_copy_no_kv(bundle, n, bind_device) -> None:
         Sampling(new_tokens, temperature=0.7, seeds=tuple(range(n)), ignore_eos=True),
     )
     (suffix_in, suffix_out), *steps = recording.calls  # the suffix's forward, then the decoding steps
-    size = first.prompt_tokens + new_tokens - 1
     assert suffix_in.shared is prefix.state[0] and suffix_out.length == first.prompt_tokens
     assert len(steps) == new_tokens - 1
-    buffers = steps[0][0].own
-    for step, (before, after) in enumerate(steps):
-        assert before.shared is prefix.state[0]  # the prefix's arrays, not copies
-        assert all(a is b for a, b in zip(before.own, buffers, strict=True)) and after.own is before.own
-        assert (before.length, after.length, before.size) == (
-            first.prompt_tokens + step,
-            before.length + 1,
-            size,
+    room, suffix = new_tokens - 1, first.prompt_tokens
+    shares_suffix = n > 1 and prefix.n_tokens < (n - 1) * suffix
+    written, size = (0, room) if shares_suffix else (suffix, suffix + room)
+    prompt, buffers = steps[0][0].shared, steps[0][0].own
+    if shares_suffix:
+        assert steps[0][0].shared_length == prefix.n_tokens + suffix
+        assert all(
+            as_array(value).shape[:3] == (1, runtime.sizes["num_key_value_heads"], prefix.n_tokens + suffix)
+            for value in prompt
         )
+    else:
+        assert prompt is prefix.state[0]  # the prefix's arrays, not copies
+    for step, (before, after) in enumerate(steps):
+        assert before.shared is prompt
+        assert all(a is b for a, b in zip(before.own, buffers, strict=True)) and after.own is before.own
+        assert (before.length, after.length, before.size) == (written + step, before.length + 1, size)
         assert all(as_array(value).shape[:3:2] == (n, size) for value in before.own)
         assert all(isinstance(value, np.ndarray) != bool(bind_device) for value in before.own)
     if n == 1:  # one sequence decodes in the suffix's buffer itself
         assert all(a is b for a, b in zip(suffix_in.own, buffers, strict=True))
+
+
+class BufferSession:
+    """The parts of an InferenceSession that DecoderSession reads, for a buffer decoder with a prefix input."""
+
+    def get_inputs(self):
+        names = ("inputs_embeds", "cache_position", "past_key_values.0.key", "prefix_key_values.0.key")
+        return [type("Input", (), {"name": name}) for name in names]
+
+    def get_outputs(self):
+        return [type("Output", (), {"name": name}) for name in ("logits", "present.0.key")]
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("prompt_length, layout", [(10, "shared"), (40, "repeated")])
+def test_fork_keeps_the_layout_with_fewer_kv_rows(prompt_length, layout) -> None:
+    """5 rollouts after a suffix of 8 tokens with room for 3 more: repeating the buffer holds 5 * 11 rows,
+    sharing prompt + suffix holds prompt + 8 + 5 * 3; the fork takes the smaller, exactly."""
+    decoder = DecoderSession(BufferSession(), (2, 4), np.float32)
+    prompt = [np.random.default_rng(0).standard_normal((1, 2, prompt_length, 4), dtype=np.float32)]
+    kv = decoder.start(prompt, prompt_length, room=11)
+    kv.own[0][:, :, :8] = 1.0  # the suffix, as its forward writes it
+    kv = replace(kv, length=8)
+    forked = decoder.fork(kv, 5)
+    if layout == "shared":
+        assert forked.shared_length == prompt_length + 8 and (forked.length, forked.size) == (0, 3)
+        np.testing.assert_array_equal(
+            forked.shared[0], np.concatenate([prompt[0], kv.own[0][:, :, :8]], axis=2)
+        )
+        assert forked.own[0].shape == (5, 2, 3, 4) and not forked.own[0].any()
+    else:
+        assert forked.shared is prompt and (forked.length, forked.size) == (8, 11)
+        np.testing.assert_array_equal(forked.own[0], np.repeat(kv.own[0], 5, axis=0))
+    rows = forked.shared_length * (layout == "shared") + forked.own[0].shape[0] * forked.size
+    assert rows == min(prompt_length + 8 + 5 * 3, 5 * 11)
 
 
 @pytest.fixture(params=BUNDLES, ids=lambda b: b[0])
