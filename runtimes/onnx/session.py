@@ -5,10 +5,11 @@ so the n rollouts of a prompt all read its KV in place, one copy, on the host or
 
 Their own KV is a buffer allocated once per `generate` with room for the suffix and every new token; when
 n rollouts fork, the suffix either stays in the buffer, copied to each row, or joins the shared prompt,
-whichever holds fewer KV rows (`DecoderSession.fork`). The graph writes each chunk's K/V into it at `cache_position`, and the runtime binds the buffer as both the
-past input and the present output (IO binding), so onnxruntime writes just the new token's rows into it
-in place: a decode step copies no KV, only the token's embedding in and a row of logits out. On CPU the
-buffers are numpy arrays the binding wraps; on CUDA they are OrtValues on the GPU, where the KV stays.
+whichever holds fewer KV rows (`DecoderSession.fork`). The graph writes each chunk's K/V into it at
+`cache_position`, and the runtime binds the buffer as both the past input and the present output (IO
+binding), so onnxruntime writes just the new token's rows into it in place: a decode step copies no KV,
+only the token's embedding in and a row of logits out. On CPU the buffers are numpy arrays the binding
+wraps; on CUDA they are OrtValues on the GPU, where the KV stays.
 
 Older bundles still run (`KV layouts`): a decoder without `cache_position` returns present = past + chunk,
 a new array each step, which becomes the next step's past; one without a prefix input forks by repeating

@@ -152,12 +152,14 @@ def test_decode_steps_copy_no_kv(bundle, n, bind_device) -> None:
         assert all(a is b for a, b in zip(suffix_in.own, buffers, strict=True))
 
 
-class BufferSession:
-    """The parts of an InferenceSession that DecoderSession reads, for a buffer decoder with a prefix input."""
+class FakeDecoderSession:
+    """The parts of an InferenceSession that DecoderSession reads: a decoder graph with these KV inputs."""
+
+    def __init__(self, *inputs: str) -> None:
+        self.inputs = ("inputs_embeds", *inputs)
 
     def get_inputs(self):
-        names = ("inputs_embeds", "cache_position", "past_key_values.0.key", "prefix_key_values.0.key")
-        return [type("Input", (), {"name": name}) for name in names]
+        return [type("Input", (), {"name": name}) for name in self.inputs]
 
     def get_outputs(self):
         return [type("Output", (), {"name": name}) for name in ("logits", "present.0.key")]
@@ -170,7 +172,8 @@ class BufferSession:
 def test_fork_keeps_the_layout_with_fewer_kv_rows(prompt_length, layout) -> None:
     """5 rollouts after a suffix of 8 tokens with room for 3 more: repeating the buffer holds 5 * 11 rows,
     sharing prompt + suffix holds prompt + 8 + 5 * 3; the fork takes the smaller, exactly."""
-    decoder = DecoderSession(BufferSession(), (2, 4), np.float32)
+    buffer_decoder = FakeDecoderSession("cache_position", "past_key_values.0.key", "prefix_key_values.0.key")
+    decoder = DecoderSession(buffer_decoder, (2, 4), np.float32)
     prompt = [np.random.default_rng(0).standard_normal((1, 2, prompt_length, 4), dtype=np.float32)]
     kv = decoder.start(prompt, prompt_length, room=11)
     kv.own[0][:, :, :8] = 1.0  # the suffix, as its forward writes it
@@ -247,17 +250,7 @@ def test_older_bundles_decode_the_same_tokens(concat_bundle) -> None:
 def test_a_graph_without_a_prefix_input_forks_by_repeating() -> None:
     """Bundles exported before the shared prefix: the KV is repeated into the n sequences' past."""
 
-    class Session:  # the parts of an InferenceSession that DecoderSession reads
-        def get_inputs(self):
-            return [type("Input", (), {"name": name}) for name in ("inputs_embeds", "past_key_values.0.key")]
-
-        def get_outputs(self):
-            return [type("Output", (), {"name": name}) for name in ("logits", "present.0.key")]
-
-        def get_providers(self):
-            return ["CPUExecutionProvider"]
-
-    decoder = DecoderSession(Session(), (2, 4), np.float32)
+    decoder = DecoderSession(FakeDecoderSession("past_key_values.0.key"), (2, 4), np.float32)
     kv = decoder.fork(decoder.start([np.ones((1, 2, 3, 4), np.float32)], 3, room=5), 3)
     assert kv.shared is None and kv.own[0].shape == (3, 2, 3, 4) and kv.length == 3
 
