@@ -116,7 +116,7 @@ def time_steps(bundle: Path, rollouts: int, args: argparse.Namespace) -> list[fl
     graphs = runtime.graphs("base")
     decoder, steps = graphs.decoder, []
 
-    class Timed:  # the runtime's decoder, each call timed; the suffix's forward is the first call
+    class Timed:  # the runtime's decoder; its one-token calls (the decoding steps) are timed
         def __call__(self, inputs, kv):
             start = time.perf_counter()
             result = decoder(inputs, kv)
