@@ -1,5 +1,5 @@
 """Benchmarks: `sparc-engine bench` (bench.py; the pipelines it compares in pipelines.py), the shapes it
-builds (shapes.py) and the scripts beside it (quant.py, footprint.py).
+builds (shapes.py) and the scripts beside it (quant.py, decode_floor.py, footprint.py).
 
 The CLI imports this module at start for the bench's arguments only, so it stays torch-free; what a
 benchmark runs (torch, transformers, onnxruntime, llama-cpp-python) is imported when it runs.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from benchmarks.shapes import SHAPES
 from engine.commands import Command
+from export import GGUF_QUANTS, ONNX_QUANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 # the pipelines, the baseline first: every figure is also given as a ratio to it
@@ -29,13 +30,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--onnx-quant",
         metavar="LIST",
-        help="ONNX bundles to export and run, each a row of its own: of fp32,fp16,int8,int4,int8-a8,int4-a8 "
-        "(default: fp32 on a CPU, fp16 on a GPU; ignored with --onnx)",
+        help="ONNX bundles to export and run, each a row of its own: of "
+        f"{','.join(('fp32', 'fp16', *ONNX_QUANTS))} (default: fp32 on a CPU, fp16 on a GPU; ignored with --onnx)",
     )
     parser.add_argument(
         "--gguf-quant",
         metavar="LIST",
-        help="GGUF bundles for llamacpp and chat_handler, each a row of its own: of f32,f16,q8_0,q4_k_m "
+        help=f"GGUF bundles for llamacpp and chat_handler, each a row of its own: of {','.join(GGUF_QUANTS)} "
         "(default: f32 on a CPU, f16 on a GPU; ignored with --gguf)",
     )
     parser.add_argument(

@@ -95,7 +95,7 @@ def time_weights(bundle: Path, rollouts: int, runs: int) -> tuple[float, int]:
     rng = np.random.default_rng(0)
     feed = {
         i.name: rng.standard_normal((rollouts, i.shape[1])).astype(
-            np.float16 if "16" in i.type else np.float32
+            np.float16 if i.type == "tensor(float16)" else np.float32
         )
         for i in session.get_inputs()
     }
