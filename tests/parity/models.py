@@ -168,13 +168,15 @@ def teacher_forced_drift(
     return np.abs(got - expected), tokens
 
 
-def open_once(opened: dict, runtime: str, bundle):
-    """A runtime on a bundle (CPU), opened once per session in tests/conftest.py's `opened`."""
+def open_once(opened: dict, runtime: str, bundle, **options: object):
+    """A runtime on a bundle (CPU) with these options, opened once per session in tests/conftest.py's
+    `opened`."""
     from runtimes import open_runtime
 
-    if (runtime, bundle) not in opened:
-        opened[runtime, bundle] = open_runtime(runtime, bundle, "cpu")
-    return opened[runtime, bundle]
+    key = (runtime, bundle, *sorted(options.items()))
+    if key not in opened:
+        opened[key] = open_runtime(runtime, bundle, "cpu", **options)
+    return opened[key]
 
 
 def _torch_ref_suffix(runtime, prefix: Prefix, suffix: Sequence[Segment]) -> np.ndarray:

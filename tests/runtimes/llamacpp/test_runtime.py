@@ -8,11 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')")
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llama]')"
+)
 
 from engine.families import family_for  # noqa: E402
 from runtimes import open_runtime  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime, image_rgb  # noqa: E402
+from runtimes.llamacpp.runtime import text_flash_attention  # noqa: E402
 from runtimes.protocol import RuntimeInputError, Sampling, Text  # noqa: E402
 from tests.support import picture, run_in_fresh_interpreter  # noqa: E402
 
@@ -85,3 +88,14 @@ def test_a_bundle_runs_in_a_fresh_interpreter_without_torch(request, fixture, re
     }
     output = run_in_fresh_interpreter(spec)
     assert output["heavy"] == [] and isinstance(output["answer"], str)
+
+
+def test_flash_attention_left_out_is_off_on_the_cpu_and_for_f32_and_auto_on_a_gpu():
+    choose = text_flash_attention
+    assert choose(None, exact=False, on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert choose(None, exact=True, on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert choose(None, exact=False, on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert choose(True, exact=True, on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert choose(False, exact=False, on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    with pytest.raises(RuntimeInputError, match="flash_attention: 'auto'; it takes true, false or nothing"):
+        choose("auto", exact=False, on_gpu=False)
