@@ -60,7 +60,7 @@ def map_large_buffers() -> bool:
     blocks can land in the brk heap, and blocks allocated after them pin them there. Which way it goes
     depends on the timing of onnxruntime's threads: the bench's 65M fp32 bundle (256 px, 8 rollouts) peaked
     at 421-437 MB in most processes and 576-589 MB in about one in five, for the same work. With the
-    threshold fixed at 16 MiB, 423-428 MB in 24 of 24, the same start time (1 MiB also holds it steady
+    threshold fixed at 16 MiB, 423-428 MB in 48 of 48, the same start time (1 MiB also holds it steady
     but costs 160 ms of page faults at load).
     """
     if not sys.platform.startswith("linux"):

@@ -13,13 +13,13 @@ logits span 5.2-7.0 at every step (Qwen3-VL). Measured here, max / mean, flash a
     Molmo2    f16 0.0138 / 0.0015 | 0.0048 / 0.0006   q8_0 0.16 / 0.019 | 0.17 / 0.019
               q4_k_m 0.75 / 0.12 | 0.76 / 0.12
 
-The bounds (BOUNDS) are the larger of each pair x about 1.5. Checked once on Qwen3-VL: weights of another random checkpoint
-drift 6.0-6.4 / 1.0 in every quant; every weight scale off by 1% (f16) or 5% (q8_0 block scales) gives
-0.073 / 0.011 and 0.43 / 0.063, over both bounds; q4_k_m is caught from about 25% (1.55 / 0.27; 10% gives
-1.13 / 0.17, inside its own rounding). The tiny model's rows are 128 or 256 values wide, and a K-quant needs
-whole 256-value super-blocks: of the Qwen3-VL q4_k_m's 23 matrices only two ffn_down are Q4_K (the last one
-Q6_K, as q4_k_m keeps some layers finer); llama.cpp's quantizer falls back to Q5_0 for 18 (and Q8_0 for the
-output and one attn_v), so the tiny q4_k_m is mostly Q5_0.
+The bounds (BOUNDS) are the larger of each pair x about 1.5. Checked once on Qwen3-VL: weights of another
+random checkpoint drift 6.0-6.4 / 1.0 in every quant; every weight scale off by 1% (f16) or 5% (q8_0 block
+scales) gives 0.073 / 0.011 and 0.43 / 0.063, over both bounds; q4_k_m is caught from about 25% (1.55 / 0.27;
+10% gives 1.13 / 0.17, inside its own rounding). The tiny model's rows are 128 or 256 values wide, and a
+K-quant needs whole 256-value super-blocks: of the Qwen3-VL q4_k_m's 23 matrices only two ffn_down are Q4_K
+(the last one Q6_K, as q4_k_m keeps some layers finer); llama.cpp's quantizer falls back to Q5_0 for 18 (and
+Q8_0 for the output and one attn_v), so the tiny q4_k_m is mostly Q5_0.
 
 On an AMX-INT8 Xeon (this machine) q8_0 and q4_k_m crashed llama.cpp until the runtime kept their weights
 out of ggml's AMX buffers (runtimes/llamacpp/runtime.py): these tests are what found it.
