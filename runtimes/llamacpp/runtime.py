@@ -266,25 +266,24 @@ class LlamaCppRuntime:
                 f"{self.bundle}: a {self.manifest.format} bundle; the llamacpp runtime needs one from "
                 "`sparc-engine export gguf`"
             )
-        verify(self.bundle, self.manifest)  # every file, before anything is loaded
         llama_cpp.llama_backend_init()
         if not verbose:
             quiet_llama_logs()
+        n_gpu_layers, exact = self._gpu_layers(device), self.manifest.dtype == "f32"
         self.options = {
             "n_ctx": n_ctx,
             "prefix_slots": prefix_slots,
             "max_rollouts": max_rollouts,
             "n_batch": n_batch,
             "n_threads": n_threads or os.cpu_count() or 1,
-            "n_gpu_layers": self._gpu_layers(device),
-            "exact": self.manifest.dtype == "f32",
+            "n_gpu_layers": n_gpu_layers,
+            "exact": exact,
             "extra_buffer_types": self.manifest.dtype in ("f32", "f16") or not cpu_has_amx(),
+            "flash_attention": text_flash_attention(flash_attention, exact=exact, on_gpu=n_gpu_layers != 0),
         }
-        self.options["flash_attention"] = text_flash_attention(
-            flash_attention, exact=self.options["exact"], on_gpu=self.options["n_gpu_layers"] != 0
-        )
         if prefix_slots + max_rollouts > 256:  # LLAMA_MAX_SEQ
             raise RuntimeInputError("prefix_slots + max_rollouts must stay within llama.cpp's 256 sequences")
+        verify(self.bundle, self.manifest)  # every file, once the options hold, before anything is loaded
         self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
         tokens = self.manifest.tokens
         self.image_token_id = int(tokens["image_token_id"])
